@@ -1,0 +1,423 @@
+"""Bi-Real Net 18 / 34 / 50 as Keras functional models built from Larq layers.
+
+The structure and the layer names follow the authors' PyTorch code (module path
+with "." -> "_": `conv1`, `layer2_0_binary_conv`, `layer2_0_downsample_1`,
+`layers_3_conv2`, `fc`, ...), so a reference checkpoint maps one to one.
+
+Shapes for a 224x224 input:
+
+    stem   7x7/2 conv -> BN -> 3x3/2 max pool           112 -> 56
+    stage1 (64 | 256 for 50)      stride 1              56
+    stage2 (128 | 512)            first block stride 2  28
+    stage3 (256 | 1024)           first block stride 2  14
+    stage4 (512 | 2048)           first block stride 2  7
+    head   global average pool -> fc(num_classes)
+
+Options shared by the three networks:
+
+- `activation`: "binary" (the paper's network: ApproxSign inputs, magnitude-
+  aware weights) or "relu" / "leaky_clip" / "clip": the same network with real
+  weights and that activation before each of those convs. All variants have the
+  same layer names and weights, so weights of one load into another.
+- `padding`: "same" (TF's convention; larq-zoo's weights) or "symmetric" (the
+  authors' PyTorch arithmetic at every stride-2 layer, for their checkpoints).
+- `pad_values`: what binary convs pad their binarized input with: 0.0 (the
+  authors) or 1.0 (LCE's faster kernels on device).
+"""
+
+import contextlib
+import logging
+
+import larq as lq
+import tensorflow as tf
+
+from bireal_tf import quantizers
+from bireal_tf.models.layers import ConstantPadding2D, Subsample2D
+
+ACTIVATIONS = ("binary",) + tuple(quantizers.REAL_ACTIVATIONS)
+PADDINGS = ("same", "symmetric")
+DEPTHS = (18, 34, 50)
+MIN_INPUT_SIZE = 32  # five stride-2 steps: 32 px leave a 1x1 map before the pool
+
+_layers = tf.keras.layers
+
+
+@contextlib.contextmanager
+def _quiet_larq_constraint_warning():
+    """Larq warns about binary kernels without a constraint; the authors' nets have
+    none on purpose (their gradient is already zero outside [-1, 1])."""
+    logger = logging.getLogger("larq.layers_base")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _Ops:
+    """Layer factories for one network's options, so each architecture reads plainly."""
+
+    def __init__(
+        self,
+        activation,
+        padding,
+        pad_values,
+        bn_epsilon,
+        bn_momentum,
+        kernel_quantizer,
+        kernel_constraint,
+        kernel_initializer,
+    ):
+        self.activation = activation
+        self.padding = padding
+        self.pad_values = float(pad_values)
+        self.bn_epsilon = bn_epsilon
+        self.bn_momentum = bn_momentum
+        self.kernel_quantizer = kernel_quantizer
+        self.kernel_constraint = kernel_constraint
+        self.kernel_initializer = kernel_initializer
+
+    def new_kernel_quantizer(self):
+        """One quantizer object per conv, so per-layer state (Larq metrics) stays apart."""
+        q = self.kernel_quantizer
+        if q is None:
+            return quantizers.MagnitudeAwareSign()
+        if isinstance(q, tf.keras.layers.Layer):
+            return q.__class__.from_config(q.get_config())
+        return q  # a string alias or a plain function: Larq resolves it per layer
+
+    @property
+    def binary(self):
+        return self.activation == "binary"
+
+    def bn(self, x, name):
+        return _layers.BatchNormalization(
+            momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
+        )(x)
+
+    def real_conv(self, x, filters, kernel_size, name, strides=1, padding="valid"):
+        """A real-valued conv without bias (stem, shortcuts, R50's first 1x1)."""
+        return _layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            use_bias=False,
+            kernel_initializer=self.kernel_initializer,
+            name=name,
+        )(x)
+
+    def stem(self, x):
+        """7x7/2 conv (64) -> BN -> 3x3/2 max pool, in the chosen padding convention."""
+        if self.padding == "symmetric":
+            x = _layers.ZeroPadding2D(3, name="conv1_pad")(x)
+            x = self.real_conv(x, 64, 7, "conv1", strides=2)
+        else:
+            x = self.real_conv(x, 64, 7, "conv1", strides=2, padding="same")
+        x = self.bn(x, "bn1")
+        if self.padding == "symmetric":
+            x = ConstantPadding2D(1, value=None, name="maxpool_pad")(x)
+            return _layers.MaxPool2D(3, strides=2, padding="valid", name="maxpool")(x)
+        return _layers.MaxPool2D(3, strides=2, padding="same", name="maxpool")(x)
+
+    def block_conv(self, x, filters, kernel_size, strides, name):
+        """The conv each shortcut bypasses: binary, or real after a real activation.
+
+        Binary: QuantConv2D(ApproxSign input, magnitude-aware kernel). A stride-2
+        binary conv in "symmetric" mode is a stride-1 "same" conv + subsampling,
+        which is exact and stays binary in LCE.
+        """
+        subsample = strides == 2 and self.padding == "symmetric" and kernel_size > 1
+        if self.binary:
+            with _quiet_larq_constraint_warning():
+                conv = lq.layers.QuantConv2D(
+                    filters,
+                    kernel_size,
+                    strides=1 if subsample else strides,
+                    padding="same" if kernel_size > 1 else "valid",
+                    pad_values=self.pad_values,
+                    input_quantizer=quantizers.ApproxSign(),
+                    kernel_quantizer=self.new_kernel_quantizer(),
+                    kernel_constraint=self.kernel_constraint,
+                    kernel_initializer=self.kernel_initializer,
+                    use_bias=False,
+                    name=name,
+                )
+            y = conv(x)
+            return Subsample2D(2, name=name + "_subsample")(y) if subsample else y
+
+        x = quantizers.REAL_ACTIVATIONS[self.activation](name=name + "_activation")(x)
+        if subsample:
+            x = _layers.ZeroPadding2D(kernel_size // 2, name=name + "_pad")(x)
+            return self.real_conv(x, filters, kernel_size, name, strides=strides)
+        padding = "same" if kernel_size > 1 else "valid"
+        return self.real_conv(x, filters, kernel_size, name, strides=strides, padding=padding)
+
+    def avg_pool(self, x, name):
+        # On even sizes "same" equals PyTorch's AvgPool2d(2, 2); on odd sizes it keeps
+        # the shape of the strided conv beside it, where PyTorch would fail.
+        return _layers.AveragePooling2D(2, strides=2, padding="same", name=name)(x)
+
+
+def _check_args(activation, padding, num_classes, include_top, input_shape, pooling):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
+    if include_top and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"pooling must be one of (None, 'avg', 'max'), got {pooling!r}.")
+    if input_shape is not None:
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (height, width, channels), got {input_shape}.")
+        for side in input_shape[:2]:
+            if side is not None and side < MIN_INPUT_SIZE:
+                raise ValueError(
+                    f"input_shape {tuple(input_shape)} is too small: Bi-Real Net downsamples "
+                    f"by 32, so height and width must be at least {MIN_INPUT_SIZE} "
+                    f"(allowed: None or >= {MIN_INPUT_SIZE})."
+                )
+
+
+def _network(
+    build_body,
+    name,
+    *,
+    input_shape,
+    input_tensor,
+    num_classes,
+    include_top,
+    weights,
+    pooling,
+    classifier_activation,
+    activation,
+    padding,
+    pad_values,
+    bn_epsilon,
+    bn_momentum,
+    kernel_quantizer,
+    kernel_constraint,
+    kernel_initializer,
+):
+    """Input -> body -> head, shared by the three architectures."""
+    if input_shape is None and input_tensor is None:
+        input_shape = (224, 224, 3)
+    _check_args(activation, padding, num_classes, include_top, input_shape, pooling)
+    ops = _Ops(
+        activation,
+        padding,
+        pad_values,
+        bn_epsilon,
+        bn_momentum,
+        kernel_quantizer,
+        kernel_constraint,
+        kernel_initializer,
+    )
+
+    inputs = _layers.Input(shape=input_shape) if input_tensor is None else input_tensor
+    x = build_body(ops, ops.stem(inputs))
+
+    if include_top:
+        x = _layers.GlobalAveragePooling2D(name="avgpool")(x)
+        x = _layers.Dense(num_classes, kernel_initializer="glorot_normal", name="fc")(x)
+        # float32 output keeps softmax/logits stable under mixed precision.
+        x = _layers.Activation(
+            classifier_activation or "linear", dtype="float32", name="predictions"
+        )(x)
+    elif pooling == "avg":
+        x = _layers.GlobalAveragePooling2D(name="avgpool")(x)
+    elif pooling == "max":
+        x = _layers.GlobalMaxPooling2D(name="maxpool_top")(x)
+
+    if input_tensor is not None:
+        inputs = tf.keras.utils.get_source_inputs(input_tensor)
+    suffix = "" if activation == "binary" else f"_{activation}"
+    model = tf.keras.Model(inputs, x, name=f"{name}{suffix}")
+    if weights is not None:
+        if not isinstance(weights, str) or weights == "imagenet":
+            raise ValueError(
+                "weights must be None or the path to a weights file (.h5 or TF checkpoint); "
+                "bireal_tf ships no pretrained weights and downloads nothing. "
+                f"Got {weights!r}."
+            )
+        model.load_weights(weights)
+    return model
+
+
+def _basic_body(blocks_per_stage):
+    """Stages of the 18/34-layer nets: y = BN(BinConv3x3(sign(x))) + shortcut(x)."""
+
+    def body(ops, x):
+        in_filters = 64
+        for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, (64, 128, 256, 512))):
+            for block in range(blocks):
+                name = f"layer{stage + 1}_{block}"
+                strides = 2 if (stage > 0 and block == 0) else 1
+                shortcut = x
+                if strides != 1 or in_filters != filters:
+                    # Created before the main path, in larq-zoo's order, so the layer
+                    # lists of the two implementations line up one to one.
+                    shortcut = ops.avg_pool(x, f"{name}_downsample_0")
+                    shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
+                    shortcut = ops.bn(shortcut, f"{name}_downsample_2")
+                y = ops.block_conv(x, filters, 3, strides, f"{name}_binary_conv")
+                y = ops.bn(y, f"{name}_bn1")
+                x = _layers.Add(name=f"{name}_add")([y, shortcut])
+                in_filters = filters
+        return x
+
+    return body
+
+
+def _bottleneck_body(blocks_per_stage):
+    """Stages of the 50-layer net: bottleneck blocks carrying two streams.
+
+    Each block takes (mid, out) = (previous 3x3 output, previous block output),
+    and every one of its three convs is bypassed by its own shortcut:
+
+        out1 = BN(conv1x1(sign(out)))  + mid         (mid via a real 1x1 when widths change)
+        out2 = BN(conv3x3/s(sign(out1))) + out1      (out1 average-pooled when strided)
+        out3 = BN(conv1x1(sign(out2))) + out         (out via avgpool-1x1-BN when shape changes)
+
+    The network's first block instead has a real 1x1 conv after leaky-clip and no
+    shortcut around it.
+    """
+
+    def body(ops, x):
+        mid, out = x, x
+        index = 0
+        for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, (256, 512, 1024, 2048))):
+            inner = filters // 4
+            for block in range(blocks):
+                name = f"layers_{index}"
+                strides = 2 if (stage > 0 and block == 0) else 1
+                first = index == 0
+                reshape = block == 0
+
+                if first:
+                    act = "leaky_clip" if ops.binary else ops.activation
+                    y = quantizers.REAL_ACTIVATIONS[act](name=f"{name}_conv1_activation")(out)
+                    y = ops.real_conv(y, inner, 1, f"{name}_conv1")
+                    out1 = ops.bn(y, f"{name}_bn1")
+                else:
+                    y = ops.block_conv(out, inner, 1, 1, f"{name}_conv1")
+                    y = ops.bn(y, f"{name}_bn1")
+                    shortcut = mid
+                    if reshape:
+                        shortcut = ops.real_conv(mid, inner, 1, f"{name}_down_conv1x1")
+                    out1 = _layers.Add(name=f"{name}_add1")([y, shortcut])
+
+                y = ops.block_conv(out1, inner, 3, strides, f"{name}_conv2")
+                y = ops.bn(y, f"{name}_bn2")
+                shortcut = ops.avg_pool(out1, f"{name}_pooling") if strides == 2 else out1
+                out2 = _layers.Add(name=f"{name}_add2")([y, shortcut])
+
+                y = ops.block_conv(out2, filters, 1, 1, f"{name}_conv3")
+                y = ops.bn(y, f"{name}_bn3")
+                shortcut = out
+                if reshape:
+                    if strides == 2:
+                        shortcut = ops.avg_pool(shortcut, f"{name}_downsample_0")
+                    shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
+                    shortcut = ops.bn(shortcut, f"{name}_downsample_2")
+                out3 = _layers.Add(name=f"{name}_add3")([y, shortcut])
+
+                mid, out = out2, out3
+                index += 1
+        return out
+
+    return body
+
+
+_DOC_ARGS = """
+    Args:
+        input_shape: (height, width, channels); height and width None or >= 32.
+            Default (224, 224, 3) when `input_tensor` is not given.
+        input_tensor: optional Keras tensor to build the model on.
+        num_classes: number of classes of the top (>= 1).
+        include_top: whether to add global average pooling and the `fc` layer.
+        weights: None (random init) or the path of a weights file to load.
+        pooling: without the top, None (feature map), "avg" or "max".
+        classifier_activation: activation of the top ("softmax", or None for logits).
+        activation: "binary", or "relu" / "leaky_clip" / "clip" for the real variants.
+        padding: "same" (TF) or "symmetric" (the authors' PyTorch arithmetic).
+        pad_values: padding value of the binarized inputs, 0.0 or 1.0.
+        bn_epsilon, bn_momentum: BatchNorm settings; the authors' 1e-5 and 0.9
+            (torch's 0.1) by default; larq-zoo uses 1e-3 and 0.8.
+        kernel_quantizer: weight quantizer of the binary convs; default
+            `MagnitudeAwareSign()`. The BatchNorm-retrain stage passes "ste_sign".
+        kernel_constraint: constraint of the binary kernels; None as the authors
+            (their gradient is zero outside [-1, 1]), "weight_clip" as larq-zoo.
+        kernel_initializer: initializer of every conv kernel.
+    Returns:
+        A `tf.keras.Model`.
+"""
+
+
+def _defaults(kwargs):
+    merged = dict(
+        input_shape=None,
+        input_tensor=None,
+        num_classes=1000,
+        include_top=True,
+        weights=None,
+        pooling=None,
+        classifier_activation="softmax",
+        activation="binary",
+        padding="same",
+        pad_values=0.0,
+        bn_epsilon=1e-5,
+        bn_momentum=0.9,
+        kernel_quantizer=None,
+        kernel_constraint=None,
+        kernel_initializer="glorot_normal",
+    )
+    unknown = set(kwargs) - set(merged)
+    if unknown:
+        raise TypeError(f"Unknown arguments {sorted(unknown)}; allowed: {sorted(merged)}.")
+    merged.update(kwargs)
+    return merged
+
+
+def BiRealNet18(**kwargs):
+    return _network(_basic_body((4, 4, 4, 4)), "birealnet18", **_defaults(kwargs))
+
+
+def BiRealNet34(**kwargs):
+    return _network(_basic_body((6, 8, 12, 6)), "birealnet34", **_defaults(kwargs))
+
+
+def BiRealNet50(**kwargs):
+    return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", **_defaults(kwargs))
+
+
+BiRealNet18.__doc__ = "Bi-Real Net 18: 16 binary 3x3 convs in [4, 4, 4, 4] blocks.\n" + _DOC_ARGS
+BiRealNet34.__doc__ = "Bi-Real Net 34: 32 binary 3x3 convs in [6, 8, 12, 6] blocks.\n" + _DOC_ARGS
+BiRealNet50.__doc__ = (
+    "Bi-Real Net 50: 47 binary convs (1x1, 3x3, 1x1) in [3, 4, 6, 3] two-stream "
+    "bottleneck blocks.\n" + _DOC_ARGS
+)
+
+_BUILDERS = {18: BiRealNet18, 34: BiRealNet34, 50: BiRealNet50}
+
+
+def bireal_net(depth, **kwargs):
+    """Build Bi-Real Net of the given depth (18, 34 or 50); kwargs as `BiRealNet18`."""
+    if depth not in _BUILDERS:
+        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}.")
+    return _BUILDERS[depth](**kwargs)
+
+
+def binary_conv_layers(model):
+    """The layers of `model` that are binary convs: Larq convs with both quantizers set."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            found.extend(binary_conv_layers(layer))
+        elif isinstance(layer, lq.layers.QuantConv2D) and (
+            layer.input_quantizer is not None and layer.kernel_quantizer is not None
+        ):
+            found.append(layer)
+    return found
