@@ -1,0 +1,247 @@
+"""Training recipes: small dataclasses of hyper-parameters and the stages they run.
+
+Two families, with the authors' numbers (DESIGN.md, "Recipes"):
+
+* `rNN_adam`: Adam from scratch, as the authors' 2019 PyTorch code. lr 0.001 at
+  batch 512 (R50: 0.0005 at 256), decayed linearly to 0 over 256 epochs, no
+  weight decay, label smoothing 0.1, random-resized crop + lighting noise.
+* `rNN_paper`: the ECCV paper's pipeline. A real-valued network is trained with
+  ReLU, finetuned with leaky-clip, then with clip; its weights initialize the
+  binary network (SGD, momentum 0.9, no weight decay); last, the weights are
+  fixed to +-1 (no scale) and only BatchNorm is retrained for one epoch.
+
+The paper does not give the real-valued stages' schedule. Ours: ReLU as the
+standard ResNet ImageNet recipe (SGD 0.1 at batch 256, momentum 0.9, weight
+decay 1e-4, 90 epochs, x0.1 at 30 and 60); leaky-clip and clip each finetune
+for 20 epochs from lr 0.01 (x0.1 at 10 and 15) with the same momentum and
+decay. Every number is a field and can be overridden.
+
+Learning rates are given at `base_batch_size` and scale linearly with the
+batch size actually used (Goyal et al. 2017).
+"""
+import dataclasses
+from dataclasses import dataclass, replace
+
+import tensorflow as tf
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("linear", "step", "constant")
+STAGE_KINDS = ("relu", "leaky_clip", "clip", "binary", "bn_retrain")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: which network variant, how long, and how it is optimized."""
+
+    name: str
+    activation: str = "binary"  # model variant: binary / relu / leaky_clip / clip
+    epochs: int = 1
+    optimizer: str = "adam"
+    lr: float = 1e-3  # at the recipe's base_batch_size
+    schedule: str = "linear"  # linear decay to 0, step (x0.1 at milestones), constant
+    milestones: tuple = ()  # epochs at which a step schedule multiplies lr by 0.1
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0  # decoupled, as Keras' optimizers apply it
+    label_smoothing: float = 0.0
+    augmentation: str = "adam"  # adam / paper / none
+    kernel_quantizer: str = "magnitude_aware"  # magnitude_aware / sign (+-1, no scale)
+    train_only_batchnorm: bool = False  # the BatchNorm-retrain stage
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model, a dataset, and the stages that train it."""
+
+    name: str
+    depth: int = 18
+    dataset: str = "imagenet2012"
+    image_size: int | None = None  # None: the dataset's default (224 for ImageNet)
+    batch_size: int = 512
+    base_batch_size: int = 512  # the batch size the stages' lr are given for
+    stages: tuple = ()
+    padding: str = "same"
+    seed: int = 0
+    steps_per_epoch: int | None = None  # None: a full pass over the training split
+    description: str = ""
+
+    def scaled_lr(self, stage):
+        return stage.lr * self.batch_size / self.base_batch_size
+
+    def stage(self, name):
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ValueError(
+            f"Unknown stage {name!r} for recipe {self.name}; valid stages: "
+            f"{', '.join(s.name for s in self.stages)}."
+        )
+
+    def stage_names(self):
+        return [s.name for s in self.stages]
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, stage=None, **overrides):
+        """A copy with recipe fields and stage fields replaced.
+
+        Stage fields (`epochs`, `lr`, `optimizer`, ...) go to `stage` when given,
+        else to every stage but the BatchNorm retrain (which stays one epoch).
+        """
+        stage_fields = {f.name for f in dataclasses.fields(Stage)} - {"name"}
+        recipe_fields = {f.name for f in dataclasses.fields(Recipe)} - {"stages"}
+        unknown = set(overrides) - stage_fields - recipe_fields
+        if unknown:
+            raise ValueError(f"Unknown recipe fields {sorted(unknown)}.")
+        for_stages = {k: v for k, v in overrides.items() if k in stage_fields and v is not None}
+        for_recipe = {k: v for k, v in overrides.items() if k in recipe_fields and v is not None}
+        if stage is not None:
+            self.stage(stage)  # validates the name
+        stages = []
+        for s in self.stages:
+            applies = s.name == stage if stage is not None else not s.train_only_batchnorm
+            stages.append(replace(s, **for_stages) if applies else s)
+        return replace(self, stages=tuple(stages), **for_recipe)
+
+
+class StageSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """The learning rate of one stage as a function of its step.
+
+    linear:   lr * (1 - step / total_steps)           (the Adam recipe; reaches 0 at the end)
+    step:     lr * 0.1 ** (number of milestones <= epoch)
+    constant: lr
+    """
+
+    def __init__(self, lr, schedule, total_steps, steps_per_epoch, milestones=()):
+        self.lr = float(lr)
+        self.schedule = schedule
+        self.total_steps = int(total_steps)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.milestones = tuple(int(m) for m in milestones)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        if self.schedule == "linear":
+            return self.lr * tf.maximum(0.0, 1.0 - step / float(self.total_steps))
+        if self.schedule == "step":
+            epoch = tf.floor(step / float(self.steps_per_epoch))
+            passed = tf.add_n([tf.cast(epoch >= m, tf.float32) for m in self.milestones] or [0.0])
+            return self.lr * tf.pow(0.1, passed)
+        return tf.constant(self.lr)
+
+    def get_config(self):
+        return {
+            "lr": self.lr,
+            "schedule": self.schedule,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "milestones": list(self.milestones),
+        }
+
+
+def make_optimizer(recipe, stage, steps_per_epoch):
+    """The stage's optimizer with its schedule, the lr scaled to the batch size."""
+    schedule = StageSchedule(
+        recipe.scaled_lr(stage),
+        stage.schedule,
+        total_steps=stage.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        milestones=stage.milestones,
+    )
+    decay = stage.weight_decay or None
+    if stage.optimizer == "sgd":
+        return tf.keras.optimizers.SGD(schedule, momentum=stage.momentum, weight_decay=decay)
+    return tf.keras.optimizers.Adam(schedule, weight_decay=decay)
+
+
+# --- the recipes -----------------------------------------------------------------------
+
+
+def _adam_recipe(depth, lr=1e-3, batch=512):
+    return Recipe(
+        name=f"r{depth}_adam",
+        depth=depth,
+        batch_size=batch,
+        base_batch_size=batch,
+        description=f"Bi-Real-{depth}, Adam from scratch (authors' PyTorch recipe)",
+        stages=(
+            Stage(
+                "binary",
+                epochs=256,
+                optimizer="adam",
+                lr=lr,
+                schedule="linear",
+                label_smoothing=0.1,
+                augmentation="adam",
+            ),
+        ),
+    )
+
+
+def _paper_recipe(depth, binary_epochs, binary_lr, binary_milestones, batch):
+    real = dict(optimizer="sgd", momentum=0.9, weight_decay=1e-4, augmentation="paper")
+    return Recipe(
+        name=f"r{depth}_paper",
+        depth=depth,
+        batch_size=batch,
+        base_batch_size=batch,
+        description=(
+            f"Bi-Real-{depth}, the paper's pipeline: ReLU -> leaky-clip -> clip -> "
+            "binary (SGD) -> BatchNorm retrain"
+        ),
+        stages=(
+            # Real-valued stages: our choice (the paper does not give it), lr at
+            # batch 256 expressed at this recipe's base batch size.
+            Stage("relu", "relu", 90, lr=0.1 * batch / 256, schedule="step",
+                  milestones=(30, 60), **real),
+            Stage("leaky_clip", "leaky_clip", 20, lr=0.01 * batch / 256, schedule="step",
+                  milestones=(10, 15), **real),
+            Stage("clip", "clip", 20, lr=0.01 * batch / 256, schedule="step",
+                  milestones=(10, 15), **real),
+            Stage("binary", "binary", binary_epochs, optimizer="sgd", lr=binary_lr,
+                  schedule="step", milestones=binary_milestones, momentum=0.9,
+                  weight_decay=0.0, augmentation="paper"),
+            # Weights fixed to +-1, conv lr 0: only BatchNorm learns, for one epoch, at
+            # the binary stage's final learning rate.
+            Stage("bn_retrain", "binary", 1, optimizer="sgd",
+                  lr=binary_lr * 0.1 ** len(binary_milestones), schedule="constant",
+                  momentum=0.9, augmentation="paper", kernel_quantizer="sign",
+                  train_only_batchnorm=True),
+        ),
+    )  # fmt: skip
+
+
+RECIPES = {
+    r.name: r
+    for r in (
+        _adam_recipe(18),
+        _adam_recipe(34),
+        _adam_recipe(50, lr=5e-4, batch=256),
+        _paper_recipe(18, 20, 0.01, (10, 15), batch=128),
+        _paper_recipe(34, 40, 0.08, (20, 30), batch=1024),
+    )
+}
+
+
+def get_recipe(name):
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}.")
+    return RECIPES[name]
+
+
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "Stage",
+    "StageSchedule",
+    "get_recipe",
+    "make_optimizer",
+]

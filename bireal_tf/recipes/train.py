@@ -1,0 +1,166 @@
+"""`python -m bireal_tf.recipes.train RECIPE [options]`: train, evaluate, save.
+
+Examples:
+
+    python -m bireal_tf.recipes.train --list
+    python -m bireal_tf.recipes.train r18_adam --data-dir ~/tensorflow_datasets
+    python -m bireal_tf.recipes.train r18_paper --dataset folder --data-dir /data/imagenet
+    python -m bireal_tf.recipes.train r18_adam --demo          # what `make demo` runs
+
+Rerunning the same command resumes the run in its output directory.
+"""
+import argparse
+import os
+import sys
+
+DEMO = dict(  # `make demo`: the binary R18 on the embedded Fashion-MNIST subset, a few CPU minutes
+    dataset="fashion_mnist_embedded",
+    epochs=4,
+    batch_size=64,
+    lr=2e-3,
+    output_dir=os.path.join("runs", "demo"),
+    export=True,
+)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m bireal_tf.recipes.train",
+        description="Train a Bi-Real Net recipe, evaluate top-1/top-5 and save the model.",
+        epilog="Rerun the same command to resume a stopped run from its output directory.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe name (see --list)")
+    p.add_argument("--list", action="store_true", help="print the recipes, one line each")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo setting: embedded Fashion-MNIST, 4 epochs, batch 64, lr 0.002, "
+                        "export; other options still override it")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", help="imagenet2012, folder, fashion_mnist, fashion_mnist_embedded")
+    data.add_argument("--data-dir", help="TFDS data dir, the folder tree, or the IDX files' folder")
+    data.add_argument("--image-size", type=int, help="training and evaluation crop size")
+    data.add_argument("--limit-train", type=int, help="use only the first N training examples")
+    data.add_argument("--limit-eval", type=int, help="use only the first N test examples")
+    hp = p.add_argument_group("hyper-parameters (stage fields apply to --stage, else to all "
+                              "stages but the BatchNorm retrain)")
+    hp.add_argument("--epochs", type=int)
+    hp.add_argument("--batch-size", type=int)
+    hp.add_argument("--lr", type=float,
+                    help="learning rate used at --batch-size (default: the recipe's, scaled "
+                         "linearly with the batch size)")
+    hp.add_argument("--optimizer", choices=("adam", "sgd"))
+    hp.add_argument("--schedule", choices=("linear", "step", "constant"))
+    hp.add_argument("--weight-decay", type=float)
+    hp.add_argument("--label-smoothing", type=float)
+    hp.add_argument("--augmentation", choices=("adam", "paper", "none"))
+    hp.add_argument("--steps-per-epoch", type=int)
+    hp.add_argument("--seed", type=int)
+    hp.add_argument("--padding", choices=("same", "symmetric"))
+    run = p.add_argument_group("run")
+    run.add_argument("--stage", help="start at this stage (the stages before it are skipped)")
+    run.add_argument("--init-weights",
+                     help="weights to start from (.keras model or weights file), e.g. a trained "
+                          "real-valued network for --stage leaky_clip")
+    run.add_argument("--output-dir", help="default: runs/<recipe>")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete a run of another recipe found in --output-dir")
+    run.add_argument("--strategy", default="default",
+                     help="default, one_device, mirrored, multi_worker (TF_CONFIG), tpu")
+    run.add_argument("--tpu", help="TPU name or address for --strategy tpu")
+    run.add_argument("--mixed-precision", choices=("float16", "bfloat16"),
+                     help="float16 for GPUs; bfloat16 for TPUs and CPUs with AVX512_BF16/AMX")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic TF ops (reproducible, slower)")
+    run.add_argument("--no-validate", action="store_true", help="skip per-epoch validation")
+    run.add_argument("--export", action="store_true",
+                     help="export a verified LCE .tflite at the end and evaluate it")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.list and not args.recipe:
+        p.error("give a RECIPE, or --list to see them")
+    return args
+
+
+def build_recipe(args):
+    from bireal_tf.recipes.recipe import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    if args.demo:
+        for key, value in DEMO.items():
+            if getattr(args, key, None) in (None, False):
+                setattr(args, key, value)
+    batch = args.batch_size or recipe.batch_size
+    lr = None
+    if args.lr is not None:  # given at the batch used: undo the linear scaling
+        lr = args.lr * recipe.base_batch_size / batch
+    return recipe.with_overrides(
+        stage=None,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        steps_per_epoch=args.steps_per_epoch,
+        seed=args.seed,
+        padding=args.padding,
+        epochs=args.epochs,
+        lr=lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        augmentation=args.augmentation,
+    )
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import bireal_tf  # noqa: F401  (Keras 2 before TensorFlow is used)
+    from bireal_tf.data import DataError
+    from bireal_tf.recipes.loop import TrainingError, train
+    from bireal_tf.recipes.recipe import RECIPES
+
+    if args.list:
+        for name, r in RECIPES.items():
+            stages = " -> ".join(f"{s.name}({s.epochs})" for s in r.stages)
+            print(f"{name:10s} {r.description}; batch {r.batch_size}; stages {stages}")
+        return 0
+    try:
+        recipe = build_recipe(args)
+        output_dir = args.output_dir or os.path.join("runs", recipe.name)
+        summary = train(
+            recipe,
+            output_dir,
+            data_dir=args.data_dir,
+            start_stage=args.stage,
+            init_weights=args.init_weights,
+            overwrite=args.overwrite,
+            strategy=args.strategy,
+            tpu=args.tpu,
+            mixed_precision=args.mixed_precision,
+            deterministic=args.deterministic,
+            limit_train=args.limit_train,
+            limit_eval=args.limit_eval,
+            validate=not args.no_validate,
+            verbose=0 if args.quiet else 1,
+        )
+        if args.export:
+            from bireal_tf.recipes.deploy import export_and_evaluate
+
+            summary = export_and_evaluate(summary, output_dir, data_dir=args.data_dir,
+                                          limit_eval=args.limit_eval)
+    except (ValueError, TrainingError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted. Rerun the same command to resume from the last completed epoch.",
+              file=sys.stderr)
+        return 130
+    out = os.path.abspath(output_dir)
+    print(f"\nEverything is in {out}:")
+    for name in ("model.keras", "model.tflite", "summary.json", "metrics.csv", "curves.png",
+                 "export_report.json", "logs"):
+        if os.path.exists(os.path.join(out, name)):
+            print(f"  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Recipes carry the authors' numbers; the shared loop runs every stage of them."""
+import csv
+import json
+import os
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bireal_tf.models import binary_conv_layers
+from bireal_tf.recipes import RECIPES, Trainer, TrainingError, RunDirError, get_recipe, train
+from bireal_tf.recipes.recipe import StageSchedule, make_optimizer
+
+TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)
+
+
+def lr_at(optimizer, step):
+    return float(optimizer._learning_rate(step))  # the schedule the optimizer holds
+
+
+# --- recipe numbers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, lr, batch", [("r18_adam", 1e-3, 512), ("r34_adam", 1e-3, 512),
+                                             ("r50_adam", 5e-4, 256)])
+def test_adam_recipes_match_the_authors_pytorch(name, lr, batch):
+    recipe = get_recipe(name)
+    assert recipe.batch_size == batch and len(recipe.stages) == 1
+    stage = recipe.stages[0]
+    assert (stage.optimizer, stage.epochs, stage.schedule) == ("adam", 256, "linear")
+    assert stage.label_smoothing == 0.1 and stage.weight_decay == 0.0
+    assert stage.augmentation == "adam" and stage.activation == "binary"
+
+    steps = 100
+    opt = make_optimizer(recipe, stage, steps)
+    assert isinstance(opt, tf.keras.optimizers.Adam)
+    total = 256 * steps
+    assert lr_at(opt, 0) == pytest.approx(lr)
+    assert lr_at(opt, total // 2) == pytest.approx(lr / 2)
+    assert lr_at(opt, total // 4) == pytest.approx(0.75 * lr)
+    assert lr_at(opt, total) == pytest.approx(0.0, abs=1e-12)
+    assert opt.weight_decay is None
+
+
+def test_learning_rate_scales_linearly_with_batch_size():
+    recipe = get_recipe("r18_adam").with_overrides(batch_size=128)
+    assert recipe.scaled_lr(recipe.stages[0]) == pytest.approx(1e-3 * 128 / 512)
+    opt = make_optimizer(recipe, recipe.stages[0], 10)
+    assert lr_at(opt, 0) == pytest.approx(2.5e-4)
+
+
+@pytest.mark.parametrize("name, epochs, lr, milestones, batch",
+                         [("r18_paper", 20, 0.01, (10, 15), 128),
+                          ("r34_paper", 40, 0.08, (20, 30), 1024)])
+def test_paper_recipes_match_the_paper(name, epochs, lr, milestones, batch):
+    recipe = get_recipe(name)
+    assert [s.name for s in recipe.stages] == ["relu", "leaky_clip", "clip", "binary", "bn_retrain"]
+    assert [s.activation for s in recipe.stages] == ["relu", "leaky_clip", "clip", "binary", "binary"]
+    assert recipe.batch_size == batch
+
+    binary = recipe.stage("binary")
+    assert (binary.optimizer, binary.momentum, binary.weight_decay) == ("sgd", 0.9, 0.0)
+    assert binary.epochs == epochs and binary.milestones == milestones
+    assert binary.kernel_quantizer == "magnitude_aware"
+    steps = 50
+    opt = make_optimizer(recipe, binary, steps)
+    assert isinstance(opt, tf.keras.optimizers.SGD) and opt.momentum == 0.9
+    first, second = milestones
+    assert lr_at(opt, 0) == pytest.approx(lr)
+    assert lr_at(opt, first * steps - 1) == pytest.approx(lr)
+    assert lr_at(opt, first * steps) == pytest.approx(lr * 0.1)
+    assert lr_at(opt, second * steps - 1) == pytest.approx(lr * 0.1)
+    assert lr_at(opt, second * steps) == pytest.approx(lr * 0.01)
+    assert lr_at(opt, epochs * steps - 1) == pytest.approx(lr * 0.01)
+
+    retrain = recipe.stage("bn_retrain")
+    assert retrain.epochs == 1 and retrain.train_only_batchnorm
+    assert retrain.kernel_quantizer == "sign"
+    relu = recipe.stage("relu")
+    assert relu.optimizer == "sgd" and relu.weight_decay == 1e-4 and relu.milestones == (30, 60)
+    assert make_optimizer(recipe, relu, steps).weight_decay == pytest.approx(1e-4)
+
+
+def test_bn_retrain_stage_freezes_convs_and_uses_plus_minus_one_weights():
+    recipe = get_recipe("r18_paper").with_overrides(**TINY)
+    trainer = Trainer(recipe, "unused")
+    model = trainer.build_model(recipe.stage("bn_retrain"), num_classes=10, image_size=32)
+    trainable = {w.name.split("/")[0] for w in model.trainable_weights}
+    assert trainable and all("bn" in n or "downsample_2" in n for n in trainable)
+    convs = binary_conv_layers(model)
+    assert len(convs) == 16
+    for conv in convs:
+        assert not conv.trainable
+        with lq.context.quantized_scope(True):
+            kernel = conv.kernel.numpy()
+        np.testing.assert_array_equal(np.abs(kernel), 1.0)
+
+
+def test_schedule_serializes():
+    sched = StageSchedule(0.1, "step", 100, 10, (3, 6))
+    clone = StageSchedule(**sched.get_config())
+    assert float(clone(65)) == pytest.approx(0.001)
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_unknown_recipe_and_stage_list_the_valid_names():
+    with pytest.raises(ValueError, match="r18_adam, r34_adam"):
+        get_recipe("r19_adam")
+    with pytest.raises(ValueError, match="relu, leaky_clip, clip, binary, bn_retrain"):
+        get_recipe("r18_paper").stage("sign")
+    with pytest.raises(ValueError, match="valid stages"):
+        Trainer(get_recipe("r18_paper"), "out", start_stage="warmup")
+
+
+def test_output_dir_of_another_recipe_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"recipe": "r18_paper"}))
+    (out / "precious.txt").write_text("keep me")
+    recipe = get_recipe("r18_adam").with_overrides(epochs=1, **TINY)
+    with pytest.raises(RunDirError, match="--overwrite"):
+        train(recipe, str(out), limit_train=32, limit_eval=16, verbose=0)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    recipe = get_recipe("r18_adam").with_overrides(epochs=2, **TINY)
+    train(recipe, out, limit_train=32, limit_eval=16, verbose=0, validate=False)
+    ckpt_dir = os.path.join(out, "stages", "0_binary", "checkpoints")
+    good = tf.train.latest_checkpoint(ckpt_dir)
+    assert good.endswith("ckpt-2")
+    # Same run, two more epochs at a NaN learning rate: epoch 3 diverges.
+    os.remove(os.path.join(out, "stages", "0_binary", "model.keras"))
+    broken = recipe.with_overrides(epochs=4, lr=float("nan"))
+    with pytest.raises(TrainingError, match="NaN.*epoch 3.*ckpt-2"):
+        train(broken, out, limit_train=32, limit_eval=16, verbose=0, validate=False)
+    assert tf.train.latest_checkpoint(ckpt_dir) == good
+    reader = tf.train.load_checkpoint(good)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+
+
+# --- the loop, end to end --------------------------------------------------------------
+
+
+class RecordingTrainer(Trainer):
+    """Records each stage's weights right after initialization."""
+
+    initial = []
+
+    def _load_initial_weights(self, model, path):
+        super()._load_initial_weights(model, path)
+        self.initial.append((path, model, [w.numpy() for w in model.weights]))
+
+
+@pytest.mark.slow
+def test_paper_pipeline_runs_all_five_stages(tmp_path):
+    out = str(tmp_path / "paper")
+    recipe = get_recipe("r18_paper").with_overrides(epochs=1, **TINY)
+    trainer = RecordingTrainer(recipe, out, limit_train=64, limit_eval=32, verbose=0)
+    summary = trainer.run()
+
+    stages = sorted(os.listdir(os.path.join(out, "stages")))
+    assert stages == ["0_relu", "1_leaky_clip", "2_clip", "3_binary", "4_bn_retrain"]
+    for stage in stages:
+        assert os.path.exists(os.path.join(out, "stages", stage, "model.keras"))
+    with open(os.path.join(out, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stage"] for r in rows] == ["relu", "leaky_clip", "clip", "binary", "bn_retrain"]
+
+    # The binary stage starts from the clip stage's weights.
+    inits = RecordingTrainer.initial
+    assert [os.path.basename(os.path.dirname(p)) for p, _, _ in inits] == [
+        "0_relu", "1_leaky_clip", "2_clip", "3_binary"]
+    path, binary_model, binary_init = inits[2]
+    assert len(binary_conv_layers(binary_model)) == 16
+    clip_model = tf.keras.models.load_model(path)
+    clip_weights = [w.numpy() for w in clip_model.weights]
+    assert len(clip_weights) == len(binary_init)
+    for a, b in zip(clip_weights, binary_init):
+        np.testing.assert_array_equal(a, b)
+
+    for key in ("top1", "top5", "wall_time_seconds", "train_images_per_second", "versions"):
+        assert key in summary
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert os.listdir(os.path.join(out, "logs"))
+
+    # Resuming a finished pipeline at a later stage reuses the earlier stages' models.
+    again = train(recipe, out, limit_train=64, limit_eval=32, verbose=0)
+    assert again["top1"] == pytest.approx(summary["top1"])
