@@ -125,17 +125,31 @@ def worker_info(strategy):
 
 
 class NaNGuard(tf.keras.callbacks.Callback):
-    """Stop at the first non-finite loss and remember where, so nothing bad is saved."""
+    """Stop at a non-finite loss and remember where, so nothing bad is saved.
 
-    def __init__(self):
+    The logged loss is a running mean, so once non-finite it stays so; checking
+    every `every` batches (and at the epoch's end) finds it without forcing a
+    device sync on every step.
+    """
+
+    def __init__(self, every=10):
         super().__init__()
+        self.every = every
         self.bad_step = None
 
-    def on_train_batch_end(self, batch, logs=None):
+    def _check(self, batch, logs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.bad_step = batch
             self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch % self.every == 0:
+            self._check(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.bad_step is None:
+            self._check("end", logs)
 
 
 # --- the loop --------------------------------------------------------------------------
@@ -326,8 +340,9 @@ class Trainer:
                 metrics=[tf.keras.metrics.CategoricalAccuracy(name="top1"),
                          tf.keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
             )
-            checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                             epoch=tf.Variable(0, dtype=tf.int64))
+        # The epoch counter lives outside the strategy scope: a plain variable on the host.
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                         epoch=tf.Variable(0, dtype=tf.int64, trainable=False))
         manager = tf.train.CheckpointManager(checkpoint, os.path.join(stage_dir, "checkpoints"),
                                              max_to_keep=2)
         if manager.latest_checkpoint:
@@ -354,9 +369,10 @@ class Trainer:
             elapsed = time.time() - t
             if guard.bad_step is not None:
                 kept = manager.latest_checkpoint or "none (it failed in the first epoch)"
+                where = "its end" if guard.bad_step == "end" else f"step {guard.bad_step + 1}"
                 raise TrainingError(
-                    f"Loss became NaN/inf in stage {stage.name}, epoch {epoch + 1}, step "
-                    f"{guard.bad_step + 1}. Stopped; nothing of this epoch was saved. Last good "
+                    f"Loss became NaN/inf in stage {stage.name}, epoch {epoch + 1}, at "
+                    f"{where}. Stopped; nothing of this epoch was saved. Last good "
                     f"checkpoint: {kept}. Lower --lr or check the data, then rerun the same "
                     "command to resume from it."
                 )
