@@ -250,6 +250,7 @@ class Trainer:
             num_classes=num_classes,
             activation=stage.activation,
             padding=self.recipe.padding,
+            pad_values=self.recipe.pad_values,
             kernel_quantizer=quantizer,
         )
         if stage.train_only_batchnorm:
@@ -423,6 +424,7 @@ class Trainer:
         summary = {
             "recipe": recipe.name,
             "config": recipe.to_dict(),
+            "learning_rates": {s.name: recipe.scaled_lr(s) for s in recipe.stages},
             "dataset": {"name": recipe.dataset, "data_dir": self.data_dir,
                         "test_examples": eval_spec.num_examples,
                         "image_size": eval_spec.image_size},

@@ -68,6 +68,7 @@ class Recipe:
     base_batch_size: int = 512  # the batch size the stages' lr are given for
     stages: tuple = ()
     padding: str = "same"
+    pad_values: float = 0.0  # binary convs' padding: 0 (the authors) or 1 (LCE's fast path)
     seed: int = 0
     steps_per_epoch: int | None = None  # None: a full pass over the training split
     description: str = ""

@@ -1,0 +1,54 @@
+"""Export Bi-Real Nets to TFLite through Larq Compute Engine, verified.
+
+    from bireal_tf.export import export_tflite
+    report = export_tflite(model_or_path, "model.tflite")
+    print(report.format_table())
+
+or `python -m bireal_tf.export MODEL -o model.tflite --report report.json`.
+The report (keys in docs/export_report_schema.md) holds the op histogram, the
+binary conv check, Keras-vs-.tflite parity, the size beside its floor and the
+host latency (not device latency).
+"""
+
+from bireal_tf.export.convert import (
+    ExportWarning,
+    export_tflite,
+    lce_zero_padding_hazards,
+    sign_margins,
+)
+from bireal_tf.export.files import (
+    ExportError,
+    ModelFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_keras_model,
+    read_flatbuffer_file,
+)
+from bireal_tf.export.flatbuffer import LCE_OPS, FlatbufferError, TFLiteGraph, op_histogram
+from bireal_tf.export.footprint import Footprint, footprint
+from bireal_tf.export.report import SCHEMA_VERSION, ExportReport
+from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
+
+__all__ = [
+    "HOST_LATENCY_NOTE",
+    "LCE_OPS",
+    "SCHEMA_VERSION",
+    "ExportError",
+    "ExportReport",
+    "ExportWarning",
+    "FlatbufferError",
+    "Footprint",
+    "ModelFileError",
+    "TFLiteGraph",
+    "TFLiteRunner",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "export_tflite",
+    "footprint",
+    "lce_zero_padding_hazards",
+    "load_keras_model",
+    "measure_latency",
+    "op_histogram",
+    "read_flatbuffer_file",
+    "sign_margins",
+]

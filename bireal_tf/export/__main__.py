@@ -1,0 +1,89 @@
+"""CLI: python -m bireal_tf.export MODEL -o out.tflite [--report report.json] ...
+
+Converts a saved Keras model (.keras, .h5 or SavedModel directory) with Larq
+Compute Engine, verifies the .tflite (every binary conv is an LceBconv2d, the
+outputs agree with Keras), prints the report as a table and, with --report,
+writes it as JSON (atomically). Exit status: 0 exported, 1 refused or failed
+(the reason on one line), 2 bad arguments or files.
+"""
+
+import argparse
+import sys
+import warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bireal_tf.export",
+        description="Convert a Bi-Real Net to an LCE .tflite, verify it and report on it.",
+    )
+    p.add_argument("model", help="saved Keras model: .keras / .h5 file or SavedModel directory")
+    p.add_argument("-o", "--output", required=True, help="the .tflite to write (its directory must exist)")
+    p.add_argument("--report", help="also write the report as JSON to this file")
+    p.add_argument("--allow-float-convs", action="store_true",
+                   help="export even if binary convs stay float (or there are none); the report warns")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="export even if the .tflite outputs disagree with Keras; the report warns")
+    p.add_argument("--no-benchmark", dest="benchmark", action="store_false",
+                   help="skip the host latency measurement")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N",
+                   help="thread counts to time (default: 1 2)")
+    p.add_argument("--latency-runs", type=int, default=10, metavar="N",
+                   help="timed runs per thread count (default 10, after 2 warm-up runs)")
+    p.add_argument("--inference-input-type", choices=("float32", "int8"), default="float32")
+    p.add_argument("--inference-output-type", choices=("float32", "int8"), default="float32")
+    p.add_argument("--target", choices=("arm", "xcore"), default="arm")
+    p.add_argument("--default-int8-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="LCE's experimental_default_int8_range (dummy quantization; latency tests only)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="fix the input size of a model saved with free height/width")
+    p.add_argument("--parity-samples", type=int, default=16, metavar="N",
+                   help="random normal inputs for the Keras-vs-.tflite check (default 16)")
+    p.add_argument("--parity-pool", type=int, default=1, metavar="K",
+                   help="draw K x N candidates and keep the N whose activations are furthest "
+                        "from the sign threshold (default 1: no selection)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from bireal_tf.export import ExportError, ExportWarning, ModelFileError, export_tflite
+
+    warnings.simplefilter("ignore", ExportWarning)  # the table lists them
+    input_shape = None
+    int8_range = tuple(args.default_int8_range) if args.default_int8_range else None
+    if args.input_size:
+        input_shape = (args.input_size[0], args.input_size[1], 3)
+    try:
+        report = export_tflite(
+            args.model,
+            args.output,
+            inference_input_type=args.inference_input_type,
+            inference_output_type=args.inference_output_type,
+            target=args.target,
+            experimental_default_int8_range=int8_range,
+            allow_float_convs=args.allow_float_convs,
+            allow_mismatch=args.allow_mismatch,
+            benchmark=args.benchmark,
+            threads=tuple(args.threads),
+            latency_runs=args.latency_runs,
+            parity_samples=args.parity_samples,
+            parity_pool=args.parity_pool,
+            input_shape=input_shape,
+            report_path=args.report,
+        )
+    except ModelFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ExportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.to_json() if args.json else report.format_table())
+    if args.report:
+        print(f"report written to {args.report}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
