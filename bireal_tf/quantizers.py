@@ -63,8 +63,9 @@ def approx_sign(x):
     """
 
     def grad(dy):
-        abs_x = tf.abs(x)
-        return tf.where(abs_x <= 1.0, (2.0 - 2.0 * abs_x) * dy, tf.zeros_like(dy))
+        # relu(2 - 2|x|) is 2 - 2|x| on |x| <= 1 and 0 elsewhere: the same values as a
+        # masked where, in fewer ops (6% faster training steps, BENCHMARKS.md).
+        return dy * tf.nn.relu(2.0 - 2.0 * tf.abs(x))
 
     return _sign(x), grad
 

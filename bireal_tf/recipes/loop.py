@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from bireal_tf import models
 from bireal_tf.data import load_dataset
+from bireal_tf.export.files import atomic_write_text
 from bireal_tf.recipes.recipe import make_optimizer
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -51,14 +52,9 @@ class RunDirError(TrainingError):
 # --- small helpers ---------------------------------------------------------------------
 
 
-def atomic_write(path, data, mode="w"):
-    """Write a file through a temp file and a rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, mode) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path, text):
+    """Write a text file through a temp file and a rename: a crash never leaves half a file."""
+    atomic_write_text(path, text)
 
 
 def save_model_atomic(model, path):

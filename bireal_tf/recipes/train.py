@@ -123,7 +123,12 @@ def build_recipe(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import bireal_tf  # noqa: F401  (Keras 2 before TensorFlow is used)
+    import tensorflow as tf
+
+    # Larq's QuantizedVariable makes AutoGraph warn once per model; it is harmless.
+    tf.get_logger().setLevel("ERROR")
     from bireal_tf.data import DataError
     from bireal_tf.export import ExportError
     from bireal_tf.recipes.loop import TrainingError, train
