@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-slow demo bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# The fast suite (about 10 minutes on 2 cores, install included).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n 2 --durations=10 -m "not slow" $(PYTEST_ARGS) tests
+
+# The slow tests: the demo's accuracy, kill/resume, distribution, the notebook, the
+# large nets' LCE conversion, the benchmark smoke run. CI runs both.
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=10 -m slow $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(PY) -m bireal_tf.recipes.train r18_adam --demo

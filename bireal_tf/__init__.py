@@ -7,9 +7,17 @@ from bireal_tf._keras_setup import ensure_keras2
 
 ensure_keras2()
 
-from bireal_tf import quantizers  # noqa: E402  (registers the quantizers with Keras)
+from bireal_tf import quantizers, schedules  # noqa: E402  (registers them with Keras)
 from bireal_tf.models import BiRealNet18, BiRealNet34, BiRealNet50, bireal_net  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["quantizers", "BiRealNet18", "BiRealNet34", "BiRealNet50", "bireal_net", "__version__"]
+__all__ = [
+    "BiRealNet18",
+    "BiRealNet34",
+    "BiRealNet50",
+    "__version__",
+    "bireal_net",
+    "quantizers",
+    "schedules",
+]

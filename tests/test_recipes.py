@@ -97,6 +97,17 @@ def test_bn_retrain_stage_freezes_convs_and_uses_plus_minus_one_weights():
         np.testing.assert_array_equal(np.abs(kernel), 1.0)
 
 
+def test_model_saved_with_a_recipe_optimizer_loads_without_custom_objects(tmp_path):
+    from bireal_tf.models import BiRealNet18
+
+    recipe = get_recipe("r18_paper")
+    model = BiRealNet18(input_shape=(32, 32, 3), num_classes=3)
+    model.compile(make_optimizer(recipe, recipe.stage("binary"), 10), "categorical_crossentropy")
+    model.save(tmp_path / "m.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "m.keras")
+    assert float(loaded.optimizer._learning_rate(10 * 10)) == pytest.approx(0.001)
+
+
 def test_schedule_serializes():
     sched = StageSchedule(0.1, "step", 100, 10, (3, 6))
     clone = StageSchedule(**sched.get_config())
@@ -126,6 +137,7 @@ def test_output_dir_of_another_recipe_is_refused(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     recipe = get_recipe("r18_adam").with_overrides(epochs=2, **TINY)

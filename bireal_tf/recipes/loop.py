@@ -407,7 +407,7 @@ class Trainer:
     def _finish(self, final_path, model, eval_spec, wall, train_images, train_seconds):
         recipe = self.recipe
         if model is None:  # every stage was done before: load the last one to evaluate
-            model = tf.keras.models.load_model(final_path)
+            model = tf.keras.models.load_model(final_path, compile=False)
         if eval_spec is None:
             eval_spec = self._dataset("test", "none", None, self.limit_eval, recipe.batch_size)
         with self.strategy.scope():
