@@ -9,11 +9,11 @@ repeated by tf.data. A repeat runs whole steps (about `repeat_seconds`) and
 reads the loss back, which waits for the last step. Every case of a size
 runs in one round robin (A B C ... A B C ...), after a warm-up round.
 
-Levers (each measured against its baseline in the same round robin; all but
-mixed_bfloat16 compute exactly the same thing):
+Levers (each measured against its baseline in the same round robin; none
+changes what is computed):
 
 - `mixed_bfloat16`: Keras' mixed precision policy (bf16 compute, float32
-  variables), for ours and larq-zoo's; the one lever that changes numerics.
+  variables), for ours and larq-zoo's.
 - `steps_per_execution`: several steps per call of the train function.
 - `jit_compile`: XLA.
 - `channels_first`: the same network in NCHW layout (oneDNN has NCHW kernels on CPU).
@@ -21,9 +21,7 @@ mixed_bfloat16 compute exactly the same thing):
   `sign(sign(x) + 0.1)`; also checked with the LCE converter, since LCE only
   binarizes convs whose input quantizer it recognises.
 - `quantizer backward`: ApproxSign's gradient as `dy * relu(2 - 2|x|)`, equal to
-  `where(|x| <= 1, (2 - 2|x|) dy, 0)` for finite dy but with fewer ops. The
-  forward graph, hence the LCE conversion, is unchanged (a tf.custom_gradient's
-  gradient function is not part of the inference graph).
+  `where(|x| <= 1, (2 - 2|x|) dy, 0)` but with fewer ops.
 - tf.data options are measured in the pipeline section, where tf.data does work.
 """
 import contextlib
@@ -39,7 +37,6 @@ from benchmarks.common import (
     log,
     ratio,
     round_robin,
-    rss_mib,
     summarize,
 )
 
@@ -378,7 +375,6 @@ def run(settings: Settings, levers: bool = True) -> dict:
                 errors[cfg.name] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
                 log(f"  {cfg.name} failed: {errors[cfg.name]}")
                 collect()
-        log(f"training: {len(cases)} cases ready, process RSS {rss_mib()} MiB")
         samples = round_robin({n: c.run for n, c in cases.items()}, settings.repeats,
                               settings.warmup, log=log)
         group = {"size": size, "batch": settings.train_batch, "cases": {}, "errors": errors}
@@ -408,12 +404,10 @@ def run(settings: Settings, levers: bool = True) -> dict:
                            **verdict(samples[cand], samples[base]))
             lever_rows.append(row)
         watch = Stopwatch()
-        case = None  # noqa: F841  (the loop variable holds the last model)
         del cases
         tf.keras.backend.clear_session()
         collect()
-        log(f"training: released the {size}x{size} models in {watch.seconds:.1f} s "
-            f"(process RSS now {rss_mib()} MiB)")
+        log(f"training: released the {size}x{size} models in {watch.seconds:.1f} s")
 
     result = {
         "method": ("Keras train function (model.make_train_function(), as model.fit) on one "
