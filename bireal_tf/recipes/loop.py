@@ -375,11 +375,13 @@ class Trainer:
                 )
             images += steps * batch
             seconds += elapsed
-            checkpoint.epoch.assign(epoch + 1)
-            manager.save(checkpoint_number=epoch + 1)
+            # The metrics row first, then the checkpoint: a kill between the two re-runs
+            # the epoch, whose row is then replaced; the other order would lose the row.
             logs = {k: v[-1] for k, v in history.history.items()}
             lr = float(tf.keras.backend.get_value(optimizer.learning_rate))
             self._add_row(stage.name, epoch + 1, logs, lr, elapsed, steps * batch / elapsed)
+            checkpoint.epoch.assign(epoch + 1)
+            manager.save(checkpoint_number=epoch + 1)
         return model, eval_spec, images, seconds
 
     # -- reports --
