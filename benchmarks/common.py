@@ -66,6 +66,7 @@ class Settings:
     every_size_cases: Tuple[str, ...] = ("ours_bf16", "zoo_bf16", "ours_bf16_relugrad")
     lever_cases: Tuple[str, ...] = ("ours_relugrad", "ours_spe", "ours_xla", "ours_nchw", "ours_where")
     lce_check: bool = True  # convert R18 with the tf.where quantizer forward (about 40 s)
+    budget_seconds: float = 19 * 60  # the memory section skips jobs that would end later
 
     @classmethod
     def full(cls):

@@ -184,9 +184,30 @@ def _spawn(depth, batch, settings: Settings, limit_mib: float, precision="float3
     return row
 
 
-def _job(depth, batch, settings: Settings, rows) -> dict:
-    limit = MEMORY_FRACTION * mem_available_mib()
+def _estimated_seconds(depth, batch, rows) -> float:
+    """A guess of a job's duration from the finished jobs (60 s without any)."""
+    same = [r for r in rows if r.get("depth") == depth and "seconds" in r]
+    if same:
+        last = same[-1]
+        return last["seconds"] * max(1.0, batch / last["batch"])
+    others = [r["seconds"] for r in rows if "seconds" in r]
+    return 2.5 * max(others) if others else 60.0
+
+
+def _job(depth, batch, settings: Settings, rows, deadline=None) -> dict:
     predicted = predict_peak(depth, batch, rows)
+    if deadline is not None:
+        needed = _estimated_seconds(depth, batch, rows)
+        left = deadline - time.monotonic()
+        if needed > left:
+            log(f"memory: R{depth} batch {batch} skipped: about {needed:.0f} s needed, {left:.0f} s left")
+            row = {"depth": depth, "batch": batch, "size": settings.memory_size,
+                   "skipped": (f"time budget: about {needed:.0f} s needed, {max(0, left):.0f} s "
+                               "left of the run's budget")}
+            if predicted is not None:
+                row["predicted_peak_rss_mib"] = round(predicted)
+            return row
+    limit = MEMORY_FRACTION * mem_available_mib()
     if predicted is not None and predicted > limit:
         log(f"memory: R{depth} batch {batch} skipped: predicted {predicted:.0f} MiB > {limit:.0f} MiB")
         return {"depth": depth, "batch": batch, "size": settings.memory_size,
@@ -200,7 +221,8 @@ def _job(depth, batch, settings: Settings, rows) -> dict:
     return row
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings, deadline=None) -> dict:
+    """`deadline` (a time.monotonic() value) skips the jobs that would not finish before it."""
     watch = Stopwatch()
     jobs = sorted(settings.memory_jobs)
     rows = []
@@ -209,7 +231,7 @@ def run(settings: Settings) -> dict:
             rows = list(pool.map(lambda job: _job(job[0], job[1], settings, []), jobs))
     else:
         for depth, batch in jobs:  # ascending batch per depth: each run predicts the next
-            rows.append(_job(depth, batch, settings, rows))
+            rows.append(_job(depth, batch, settings, rows, deadline))
     return {
         "method": ("one subprocess per configuration; peak = VmHWM (not ru_maxrss, which Linux "
                    "carries over from the parent across exec), minus VmRSS after "

@@ -9,11 +9,11 @@ repeated by tf.data. A repeat runs whole steps (about `repeat_seconds`) and
 reads the loss back, which waits for the last step. Every case of a size
 runs in one round robin (A B C ... A B C ...), after a warm-up round.
 
-Levers (each measured against its baseline in the same round robin; none
-changes what is computed):
+Levers (each measured against its baseline in the same round robin; all but
+mixed_bfloat16 compute exactly the same thing):
 
 - `mixed_bfloat16`: Keras' mixed precision policy (bf16 compute, float32
-  variables), for ours and larq-zoo's.
+  variables), for ours and larq-zoo's; the one lever that changes numerics.
 - `steps_per_execution`: several steps per call of the train function.
 - `jit_compile`: XLA.
 - `channels_first`: the same network in NCHW layout (oneDNN has NCHW kernels on CPU).
@@ -21,7 +21,9 @@ changes what is computed):
   `sign(sign(x) + 0.1)`; also checked with the LCE converter, since LCE only
   binarizes convs whose input quantizer it recognises.
 - `quantizer backward`: ApproxSign's gradient as `dy * relu(2 - 2|x|)`, equal to
-  `where(|x| <= 1, (2 - 2|x|) dy, 0)` but with fewer ops.
+  `where(|x| <= 1, (2 - 2|x|) dy, 0)` for finite dy but with fewer ops. The
+  forward graph, hence the LCE conversion, is unchanged (a tf.custom_gradient's
+  gradient function is not part of the inference graph).
 - tf.data options are measured in the pipeline section, where tf.data does work.
 """
 import contextlib
