@@ -26,8 +26,10 @@ from bireal_tf.export import (
     TFLiteRunner,
     atomic_write_bytes,
     export_tflite,
+    float32_twin,
     footprint,
     lce_zero_padding_hazards,
+    mixed_precision_policies,
     op_histogram,
     sign_margins,
 )
@@ -251,6 +253,38 @@ def test_int8_io_needs_quantization_ranges(tmp_path):
     assert report.converter.experimental_default_int8_range == [-3.0, 3.0]
     assert report.parity.verdict == "not_enforced" and report.binary_convs.ok
     assert op_histogram((tmp_path / "q.tflite").read_bytes())["LceBconv2d"] == 2
+
+
+# --- mixed precision ---------------------------------------------------------------------
+
+
+def test_a_mixed_bfloat16_model_is_exported_as_its_float32_twin(tmp_path):
+    """TFLite refuses mixed precision graphs; the export converts the float32 twin."""
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = tiny_binary_model(name="bf16")
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("first_conv").compute_dtype == "bfloat16"
+    assert mixed_precision_policies(model) == {"mixed_bfloat16"}
+
+    twin = float32_twin(model)
+    assert mixed_precision_policies(twin) == set()
+    assert all(layer.compute_dtype == "float32" for layer in twin.layers)
+    assert [w.shape for w in twin.weights] == [w.shape for w in model.weights]
+    for a, b in zip(twin.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = normalized_like(4, 8)[..., :1].repeat(32, axis=-1)
+    # The same function up to bfloat16 rounding (a sign near zero may flip, hence loose).
+    np.testing.assert_allclose(twin(x).numpy(), model(x).numpy().astype(np.float32), atol=0.5)
+    assert float32_twin(twin) is twin  # a float32 model is returned as it is
+
+    report = export_tflite(model, tmp_path / "bf16.tflite", benchmark=False)
+    assert report.keras_precision == "mixed_bfloat16"
+    assert report.binary_convs.ok and report.op_histogram["LceBconv2d"] == 2
+    assert report.parity.verdict == "exact"  # the .tflite computes what the twin computes
+    assert "float32 twin" in report.format_table()
+    assert export_tflite(twin, tmp_path / "f32.tflite", benchmark=False).keras_precision == "float32"
 
 
 # --- files ------------------------------------------------------------------------------

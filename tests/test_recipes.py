@@ -158,6 +158,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             assert np.isfinite(value).all(), name
 
 
+def test_bfloat16_run_trains_saves_and_exports_and_leaves_the_policy_as_it_was(tmp_path):
+    from bireal_tf.export import export_tflite
+
+    out = str(tmp_path / "bf16")
+    recipe = get_recipe("r18_adam").with_overrides(epochs=1, pad_values=1.0, **TINY)
+    summary = train(recipe, out, limit_train=32, limit_eval=16, verbose=0, validate=False,
+                    mixed_precision="bfloat16")
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
+    assert summary["mixed_precision"] == "bfloat16" and np.isfinite(summary["test_loss"])
+    model = tf.keras.models.load_model(summary["model"])
+    assert model.get_layer("layer1_0_binary_conv").compute_dtype == "bfloat16"
+    assert model.output.dtype == tf.float32  # the classifier stays float32
+    report = export_tflite(summary["model"], tmp_path / "bf16.tflite", benchmark=False)
+    assert report.keras_precision == "mixed_bfloat16"
+    assert report.binary_convs.ok and report.op_histogram["LceBconv2d"] == 16
+    assert report.parity.ok
+
+
 # --- the loop, end to end --------------------------------------------------------------
 
 

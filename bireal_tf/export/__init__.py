@@ -13,7 +13,9 @@ host latency (not device latency).
 from bireal_tf.export.convert import (
     ExportWarning,
     export_tflite,
+    float32_twin,
     lce_zero_padding_hazards,
+    mixed_precision_policies,
     sign_margins,
 )
 from bireal_tf.export.files import (
@@ -44,10 +46,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "export_tflite",
+    "float32_twin",
     "footprint",
     "lce_zero_padding_hazards",
     "load_keras_model",
     "measure_latency",
+    "mixed_precision_policies",
     "op_histogram",
     "read_flatbuffer_file",
     "sign_margins",

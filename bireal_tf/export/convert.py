@@ -53,7 +53,15 @@ from bireal_tf.export.runtime import (
     measure_latency,
 )
 
-__all__ = ["ExportWarning", "convert", "export_tflite", "lce_zero_padding_hazards", "sign_margins"]
+__all__ = [
+    "ExportWarning",
+    "convert",
+    "export_tflite",
+    "float32_twin",
+    "lce_zero_padding_hazards",
+    "mixed_precision_policies",
+    "sign_margins",
+]
 
 # LCE's optimized LceBconv2d applies "same zero" padding as a correction that
 # assumes the (dilated) filter is no larger than the input; when it is larger,
@@ -231,6 +239,57 @@ def _other_binary_layers(model):
                 or getattr(layer, "depthwise_quantizer", None) is not None):
             found.append(layer)
     return found
+
+
+def _replace_mixed_policies(config, found):
+    """Walk a Keras config in place: every mixed dtype policy becomes "float32"."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "dtype" and isinstance(value, dict) and "Policy" in str(value.get("class_name")):
+                name = value.get("config", {}).get("name", "")
+                if name.startswith("mixed_"):
+                    found.add(name)
+                    config[key] = "float32"
+                    continue
+            _replace_mixed_policies(value, found)
+    elif isinstance(config, list):
+        for item in config:
+            _replace_mixed_policies(item, found)
+
+
+def mixed_precision_policies(model) -> set:
+    """The mixed dtype policies (e.g. {"mixed_bfloat16"}) of `model`'s layers; empty if none."""
+    import tensorflow as tf
+
+    layers = [model] + [m for m in model.submodules if isinstance(m, tf.keras.layers.Layer)]
+    return {layer.dtype_policy.name for layer in layers
+            if layer.dtype_policy.name.startswith("mixed_")}
+
+
+def float32_twin(model):
+    """The same network and weights with every layer computing in float32.
+
+    A model trained under a mixed precision policy (`--mixed-precision bfloat16`)
+    computes in bfloat16/float16 but keeps float32 variables; the TFLite
+    converter takes float32 graphs only. The twin is rebuilt from the model's
+    config with each mixed policy replaced by float32, and takes the weights
+    unchanged. A model without a mixed policy is returned as it is.
+    """
+    if not mixed_precision_policies(model):
+        return model
+    try:
+        config = model.get_config()
+    except NotImplementedError as err:
+        raise ExportError(
+            f"Model '{model.name}' computes in {sorted(mixed_precision_policies(model))} and, "
+            "being a subclassed model without get_config(), cannot be rebuilt in float32 for "
+            "TFLite. Build it again under tf.keras.mixed_precision.set_global_policy('float32') "
+            "and copy the weights (model.get_weights()), or export a functional model."
+        ) from err
+    _replace_mixed_policies(config, set())
+    twin = model.__class__.from_config(config)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _fixed_input_model(model, input_shape):
@@ -488,6 +547,11 @@ def export_tflite(
         raise ModelFileError(
             f"model must be a Keras model or the path of a saved one, got {type(model).__name__}."
         )
+    # TFLite converts float32 graphs: a mixed precision model is exported as its float32
+    # twin, and the parity check compares the .tflite with that twin.
+    keras_precision = ",".join(sorted(mixed_precision_policies(model))) or "float32"
+    if keras_precision != "float32":
+        model = float32_twin(model)
     original = model
     model = _fixed_input_model(model, input_shape)
     report_warnings = []
@@ -638,6 +702,7 @@ def export_tflite(
     report = ExportReport(
         tflite_path=str(out_path),
         source=source,
+        keras_precision=keras_precision,
         model_name=original.name,
         input_shape=[int(d) for d in lite_in.shape],
         input_type=lite_in.type,

@@ -19,7 +19,7 @@ __all__ = [
     "SizeCheck",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _INPUT_WORDS = {
     "random_normal": "random normal inputs",
     "random_normal_clearest": "random normal inputs (clearest of a pool)",
@@ -89,6 +89,7 @@ class HostLatency:
 class ExportReport:
     tflite_path: str
     source: str
+    keras_precision: str  # the Keras model's dtype policy; a mixed one is exported as float32
     model_name: str
     input_shape: list[int]
     input_type: str
@@ -124,6 +125,9 @@ class ExportReport:
 
         add("tflite", self.tflite_path)
         add("source", self.source)
+        if self.keras_precision != "float32":
+            add("precision", f"{self.keras_precision} in Keras; converted and compared as its "
+                             "float32 twin (same weights)")
         add("input", f"{self.input_shape} {self.input_type}")
         add("output", f"{self.output_shape} {self.output_type}")
         add("conversion", f"{self.conversion_seconds:.1f} s  (LCE {self.converter.lce_version}, "

@@ -275,9 +275,18 @@ class Trainer:
     # -- running --
 
     def run(self):
-        recipe = self.recipe
+        # The policy is process-global: set it for this run only, so models built after
+        # `train(...)` in the same notebook are float32 again.
+        previous_policy = tf.keras.mixed_precision.global_policy()
         if self.mixed_precision:
             tf.keras.mixed_precision.set_global_policy(f"mixed_{self.mixed_precision}")
+        try:
+            return self._run()
+        finally:
+            tf.keras.mixed_precision.set_global_policy(previous_policy)
+
+    def _run(self):
+        recipe = self.recipe
         if self.deterministic:
             tf.config.experimental.enable_op_determinism()
         tf.keras.utils.set_random_seed(recipe.seed)
