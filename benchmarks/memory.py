@@ -78,6 +78,7 @@ def worker(depth: int, batch: int, size: int, steps: int, num_classes: int, prec
     compile_like_the_loop(model, cfg, depth)
     iterator = iter(in_memory_dataset(cfg, num_classes))
     baseline = _vm_rss_mib()
+    setup_seconds = watch.seconds
     prebuild(model, cfg, num_classes)  # the optimizer's slots: after the baseline, so counted
     fn = model.make_train_function()
     float(fn(iterator)["loss"].numpy())  # traces and runs a step
@@ -99,11 +100,14 @@ def worker(depth: int, batch: int, size: int, steps: int, num_classes: int, prec
         "rss_after_first_step_mib": round(after_first, 1),
         "steady_peak_rss_mib": None if steady is None else round(steady, 1),
         "steady_step_peak_mib": None if steady is None else round(steady - baseline, 1),
+        "setup_seconds": round(setup_seconds, 1),
         "seconds": round(watch.seconds, 1),
     }
 
 
-MEMORY_FRACTION = 0.8  # a child may use at most this share of MemAvailable (guard against OOM)
+# A child is killed when its RSS passes this share of MemAvailable (measured before it
+# starts), so the machine never runs out of memory; jobs predicted to pass it are skipped.
+MEMORY_FRACTION = 0.9
 
 
 def mem_available_mib() -> float:
@@ -130,16 +134,21 @@ def _rss_of(pid: int) -> float:
 
 def predict_peak(depth: int, batch: int, rows) -> "float | None":
     """Peak RSS (MiB) of (depth, batch) extrapolated linearly in the batch size from the
-    runs of the same depth at smaller batches; None without any."""
-    done = sorted((r["batch"], r["peak_rss_mib"]) for r in rows
+    runs of the same depth at smaller batches; None without any.
+
+    From two runs: the line through them. From one: its baseline (the built model) plus
+    its step memory scaled with the batch, an overestimate since part of the step
+    memory (optimizer slots, the traced graph) does not grow with the batch.
+    """
+    done = sorted((r["batch"], r["peak_rss_mib"], r.get("baseline_rss_mib", 0.0)) for r in rows
                   if r.get("depth") == depth and "error" not in r and "skipped" not in r
                   and r["batch"] < batch)
     if not done:
         return None
-    if len(done) == 1:  # proportional: an overestimate, since part of the peak is fixed
-        b, peak = done[0]
-        return peak * batch / b
-    (b1, p1), (b2, p2) = done[-2], done[-1]
+    if len(done) == 1:
+        b, peak, baseline = done[0]
+        return baseline + (peak - baseline) * batch / b
+    (b1, p1, _), (b2, p2, _) = done[-2], done[-1]
     return p2 + (p2 - p1) / (b2 - b1) * (batch - b2)
 
 
@@ -185,11 +194,13 @@ def _spawn(depth, batch, settings: Settings, limit_mib: float, precision="float3
 
 
 def _estimated_seconds(depth, batch, rows) -> float:
-    """A guess of a job's duration from the finished jobs (60 s without any)."""
+    """A guess of a job's duration from the finished jobs (60 s without any): the setup
+    of the same depth plus its step time scaled with the batch."""
     same = [r for r in rows if r.get("depth") == depth and "seconds" in r]
     if same:
         last = same[-1]
-        return last["seconds"] * max(1.0, batch / last["batch"])
+        setup = last.get("setup_seconds", 0.0)
+        return setup + (last["seconds"] - setup) * max(1.0, batch / last["batch"])
     others = [r["seconds"] for r in rows if "seconds" in r]
     return 2.5 * max(others) if others else 60.0
 

@@ -94,8 +94,7 @@ def training_md(r: dict) -> str:
         rows.append([f"{h['size']}x{h['size']}", "float32 / float32", _f(h["ours"]), _f(h["larq_zoo"]),
                      _x(h["ratio"], 3), f"{h['paired_min']:.2f}-{h['paired_max']:.2f}", target_words(h)])
     for b in r.get("bf16_vs_zoo_default", []):
-        what = "mixed_bfloat16" + (" + relu backward" if b.get("case", "").endswith("relugrad") else "")
-        rows.append([f"{b['size']}x{b['size']}", f"{what} / float32 (zoo's default)",
+        rows.append([f"{b['size']}x{b['size']}", "mixed_bfloat16 / float32 (zoo's default)",
                      _f(b["ours_bf16"]), _f(b["larq_zoo"]), _x(b["ratio"]),
                      f"{b['paired_min']:.2f}-{b['paired_max']:.2f}", target_words(b)])
     out += [_table(["input", "precision ours / zoo", "ours (Bi-Real-18)", "larq-zoo BiRealNet",
@@ -274,9 +273,7 @@ def findings(sections: dict) -> list:
                        f"larq-zoo {h['larq_zoo']:.1f} images/s = {h['ratio']:.3f}x "
                        f"({target_words(h)}).")
         for b in t.get("bf16_vs_zoo_default", []):
-            what = "mixed_bfloat16" + (" and the relu-form backward"
-                                       if b.get("case", "").endswith("relugrad") else "")
-            out.append(f"Training {b['size']}x{b['size']}, ours with {what} vs larq-zoo as "
+            out.append(f"Training {b['size']}x{b['size']}, ours with mixed_bfloat16 vs larq-zoo as "
                        f"it trains by default (float32): {b['ours_bf16']:.1f} vs {b['larq_zoo']:.1f} "
                        f"images/s = {b['ratio']:.2f}x ({target_words(b)}).")
         wins = [lv for lv in t.get("levers", []) if lv["verdict"] == "faster"]

@@ -115,10 +115,11 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
 def test_memory_prediction_is_linear_in_the_batch():
     from benchmarks.memory import predict_peak
 
-    rows = [{"depth": 50, "batch": 32, "peak_rss_mib": 5000.0},
-            {"depth": 50, "batch": 64, "peak_rss_mib": 9000.0},
-            {"depth": 18, "batch": 32, "peak_rss_mib": 2000.0},
+    rows = [{"depth": 50, "batch": 32, "peak_rss_mib": 5000.0, "baseline_rss_mib": 800.0},
+            {"depth": 50, "batch": 64, "peak_rss_mib": 9000.0, "baseline_rss_mib": 800.0},
+            {"depth": 18, "batch": 32, "peak_rss_mib": 2000.0, "baseline_rss_mib": 600.0},
             {"depth": 18, "batch": 64, "skipped": "too big"}]
     assert predict_peak(50, 128, rows) == 17000.0  # through the two measured points
-    assert predict_peak(18, 128, rows) == 8000.0  # one point: proportional (an overestimate)
+    # One point: the baseline stays, the step memory grows with the batch (an overestimate).
+    assert predict_peak(18, 128, rows) == 600.0 + 1400.0 * 4
     assert predict_peak(34, 128, rows) is None
