@@ -187,22 +187,51 @@ def _spawn(depth, batch, settings: Settings, limit_mib: float, precision="float3
         log(f"memory: R{depth} batch {batch} failed: {tail}")
         return {**base, "error": f"exit {proc.returncode}: {tail}"}
     row = json.loads(lines[-1])
+    row["wall_seconds"] = round(watch.seconds, 1)  # with the child's Python and TF imports
     log(f"memory: R{depth} batch {batch}: baseline {row['baseline_rss_mib']:.0f} MiB, peak "
         f"{row['peak_rss_mib']:.0f} MiB, step +{row['step_peak_mib']:.0f} MiB "
         f"({watch.seconds:.0f} s)")
     return row
 
 
+def _step_line(runs):
+    """(fixed s, s per image) of the first step (trace + step) through two runs of a depth."""
+    (b1, t1), (b2, t2) = sorted((r["batch"], r["seconds"] - r["setup_seconds"]) for r in runs)[-2:]
+    per_image = max(0.0, (t2 - t1) / (b2 - b1)) if b2 != b1 else 0.0
+    return max(0.0, t2 - per_image * b2), per_image
+
+
 def _estimated_seconds(depth, batch, rows) -> float:
-    """A guess of a job's duration from the finished jobs (60 s without any): the setup
-    of the same depth plus its step time scaled with the batch."""
-    same = [r for r in rows if r.get("depth") == depth and "seconds" in r]
-    if same:
-        last = same[-1]
-        setup = last.get("setup_seconds", 0.0)
-        return setup + (last["seconds"] - setup) * max(1.0, batch / last["batch"])
-    others = [r["seconds"] for r in rows if "seconds" in r]
-    return 2.5 * max(others) if others else 60.0
+    """A guess of a job's wall time from the finished jobs (60 s without any).
+
+    wall = (wall - worker time of a finished run: imports) + setup + first step, where
+    the first step is mostly tracing, a fixed cost, plus a part that grows with the
+    batch. That split comes from two runs of the same depth, else from two runs of
+    another depth (as a fraction), else the whole step is taken to grow (pessimistic).
+    """
+    done = [r for r in rows if "seconds" in r and "setup_seconds" in r]
+    same = [r for r in done if r["depth"] == depth]
+    if not same:
+        return 2.5 * max(r.get("wall_seconds", r["seconds"]) for r in done) if done else 60.0
+    last = max(same, key=lambda r: r["batch"])
+    overhead = last.get("wall_seconds", last["seconds"]) - last["seconds"]
+    step = last["seconds"] - last["setup_seconds"]
+    if len({r["batch"] for r in same}) >= 2:
+        fixed, per_image = _step_line(same)
+        step = fixed + per_image * batch
+    else:
+        others = {}
+        for r in done:
+            others.setdefault(r["depth"], []).append(r)
+        pairs = [runs for runs in others.values() if len({r["batch"] for r in runs}) >= 2]
+        if pairs:
+            fixed, per_image = _step_line(pairs[0])
+            b0 = min(r["batch"] for r in pairs[0])
+            grows = per_image * b0 / (fixed + per_image * b0)  # share of the step that scales
+            step *= (1 - grows) + grows * batch / last["batch"]
+        else:
+            step *= max(1.0, batch / last["batch"])
+    return overhead + last["setup_seconds"] + step
 
 
 def _job(depth, batch, settings: Settings, rows, deadline=None) -> dict:
@@ -218,13 +247,17 @@ def _job(depth, batch, settings: Settings, rows, deadline=None) -> dict:
             if predicted is not None:
                 row["predicted_peak_rss_mib"] = round(predicted)
             return row
-    limit = MEMORY_FRACTION * mem_available_mib()
-    if predicted is not None and predicted > limit:
-        log(f"memory: R{depth} batch {batch} skipped: predicted {predicted:.0f} MiB > {limit:.0f} MiB")
+    available = mem_available_mib()
+    limit = MEMORY_FRACTION * available
+    # The prediction overestimates (see predict_peak), so it only rules out what cannot
+    # fit at all; the watchdog in _spawn enforces the limit on the real run.
+    if predicted is not None and predicted > available:
+        log(f"memory: R{depth} batch {batch} skipped: predicted {predicted:.0f} MiB > "
+            f"{available:.0f} MiB available")
         return {"depth": depth, "batch": batch, "size": settings.memory_size,
-                "skipped": (f"predicted peak {predicted / 1024:.1f} GiB (linear in the batch from the "
-                            f"smaller batches) exceeds {MEMORY_FRACTION:.0%} of the "
-                            f"{limit / MEMORY_FRACTION / 1024:.1f} GiB available"),
+                "skipped": (f"predicted peak {predicted / 1024:.1f} GiB (extrapolated in the batch "
+                            f"from the smaller batches) exceeds the {available / 1024:.1f} GiB "
+                            "available"),
                 "predicted_peak_rss_mib": round(predicted), "limit_mib": round(limit)}
     row = _spawn(depth, batch, settings, limit)
     if predicted is not None:
@@ -248,9 +281,10 @@ def run(settings: Settings, deadline=None) -> dict:
                    "carries over from the parent across exec), minus VmRSS after "
                    "model build + compile; steady = VmHWM of steps 2..n (reset via "
                    "/proc/self/clear_refs) minus the same baseline. "
-                   "tf.config.experimental.get_memory_info reports zeros on CPU. A run whose "
-                   f"predicted or actual RSS passes {MEMORY_FRACTION:.0%} of MemAvailable is "
-                   "skipped or stopped, and its peak extrapolated linearly in the batch size"),
+                   "tf.config.experimental.get_memory_info reports zeros on CPU. A run is "
+                   "skipped when its peak, extrapolated in the batch size from the smaller "
+                   "batches, exceeds MemAvailable, and stopped when its RSS passes "
+                   f"{MEMORY_FRACTION:.0%} of MemAvailable"),
         "steps": settings.memory_steps,
         "precision": "float32",
         "mem_available_gib_at_start": round(mem_available_mib() / 1024, 1),

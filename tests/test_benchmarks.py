@@ -123,3 +123,21 @@ def test_memory_prediction_is_linear_in_the_batch():
     # One point: the baseline stays, the step memory grows with the batch (an overestimate).
     assert predict_peak(18, 128, rows) == 600.0 + 1400.0 * 4
     assert predict_peak(34, 128, rows) is None
+
+
+def test_memory_job_time_estimate_separates_tracing_from_the_batch():
+    from benchmarks.memory import _estimated_seconds
+
+    # R18: 24 s at batch 32, 34 s at batch 128 (5 s setup each, 5 s of imports): the first
+    # step is 19 s + 10 s per 96 images, so mostly tracing.
+    rows = [{"depth": 18, "batch": 32, "setup_seconds": 5.0, "seconds": 24.0, "wall_seconds": 29.0},
+            {"depth": 18, "batch": 128, "setup_seconds": 5.0, "seconds": 34.0, "wall_seconds": 39.0}]
+    fixed = 19.0 - 10.0 / 96 * 32
+    assert _estimated_seconds(18, 256, rows) == pytest.approx(5 + 5 + fixed + 10.0 / 96 * 256)
+    # R50 batch 32 measured once: its step splits in R18's proportions.
+    rows.append({"depth": 50, "batch": 32, "setup_seconds": 6.0, "seconds": 44.0, "wall_seconds": 50.0})
+    grows = (10.0 / 96 * 32) / 19.0
+    expected = 6 + 6 + 38.0 * ((1 - grows) + grows * 4)
+    assert _estimated_seconds(50, 128, rows) == pytest.approx(expected)
+    assert expected < 6 + 6 + 38.0 * 4  # less than scaling the whole step
+    assert _estimated_seconds(34, 32, []) == 60.0
