@@ -66,7 +66,7 @@ class Settings:
     lever_cases: Tuple[str, ...] = ("ours_wheregrad", "ours_spe", "ours_xla", "ours_nchw",
                                     "ours_where")
     lce_check: bool = True  # convert R18 with the tf.where quantizer forward (about 40 s)
-    budget_seconds: float = 19 * 60  # the memory section skips jobs that would end later
+    memory_budget_seconds: float = 5 * 60  # the memory section skips jobs that would end later
 
     @classmethod
     def full(cls):
