@@ -203,7 +203,9 @@ def _git_commit() -> Optional[str]:
         result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10)
         commit = result.stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
+        # The run's own outputs (BENCHMARKS.md, results.json) do not make the code dirty.
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".",
+                                ":!BENCHMARKS.md", ":!benchmarks/results.json"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return f"{commit}{' (uncommitted changes)' if dirty else ''}" if commit else None
     except (OSError, subprocess.SubprocessError):

@@ -64,7 +64,7 @@ def approx_sign(x):
 
     def grad(dy):
         # relu(2 - 2|x|) is 2 - 2|x| on |x| <= 1 and 0 elsewhere: the same values as a
-        # masked where, in fewer ops (6% faster training steps, BENCHMARKS.md).
+        # masked where, in fewer ops (no measurable difference in step time, BENCHMARKS.md).
         return dy * tf.nn.relu(2.0 - 2.0 * tf.abs(x))
 
     return _sign(x), grad
