@@ -176,6 +176,24 @@ def test_bfloat16_run_trains_saves_and_exports_and_leaves_the_policy_as_it_was(t
     assert report.parity.ok
 
 
+def test_steps_per_execution_runs_the_same_steps(tmp_path):
+    """Several steps per call of the train function: the same weights as one step per call.
+
+    5 steps with 4 per execution: one call of 4, then the remainder of 1.
+    """
+    recipe = get_recipe("r18_adam").with_overrides(epochs=1, **dict(TINY, steps_per_epoch=5))
+    weights = []
+    for k in (1, 4):
+        summary = train(recipe, str(tmp_path / f"spe{k}"), limit_train=80, limit_eval=16,
+                        verbose=0, validate=False, steps_per_execution=k)
+        assert summary["steps_per_execution"] == k
+        weights.append(tf.keras.models.load_model(summary["model"]).get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        Trainer(recipe, str(tmp_path / "bad"), steps_per_execution=0)
+
+
 # --- the loop, end to end --------------------------------------------------------------
 
 

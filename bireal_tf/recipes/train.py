@@ -80,6 +80,9 @@ def parse_args(argv):
                      help="float16 for GPUs; bfloat16 for TPUs and CPUs with AVX512_BF16/AMX "
                           "(1.7-2.0x faster training on such a CPU, see BENCHMARKS.md). Changes "
                           "numerics slightly; the .tflite is exported from the float32 twin")
+    run.add_argument("--steps-per-execution", type=int, default=4,
+                     help="train steps per call of the train function (default 4: less "
+                          "overhead, the same steps; 1 calls callbacks after every step)")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic TF ops (reproducible, slower)")
     run.add_argument("--no-validate", action="store_true", help="skip per-epoch validation")
@@ -172,6 +175,7 @@ def main(argv=None):
             strategy=args.strategy,
             tpu=args.tpu,
             mixed_precision=args.mixed_precision,
+            steps_per_execution=args.steps_per_execution,
             deterministic=args.deterministic,
             limit_train=args.limit_train,
             limit_eval=args.limit_eval,
