@@ -241,20 +241,18 @@ def _other_binary_layers(model):
     return found
 
 
-def _replace_mixed_policies(config, found):
+def _replace_mixed_policies(config):
     """Walk a Keras config in place: every mixed dtype policy becomes "float32"."""
     if isinstance(config, dict):
         for key, value in config.items():
-            if key == "dtype" and isinstance(value, dict) and "Policy" in str(value.get("class_name")):
-                name = value.get("config", {}).get("name", "")
-                if name.startswith("mixed_"):
-                    found.add(name)
-                    config[key] = "float32"
-                    continue
-            _replace_mixed_policies(value, found)
+            if (key == "dtype" and isinstance(value, dict) and "Policy" in str(value.get("class_name"))
+                    and value.get("config", {}).get("name", "").startswith("mixed_")):
+                config[key] = "float32"
+            else:
+                _replace_mixed_policies(value)
     elif isinstance(config, list):
         for item in config:
-            _replace_mixed_policies(item, found)
+            _replace_mixed_policies(item)
 
 
 def mixed_precision_policies(model) -> set:
@@ -286,7 +284,7 @@ def float32_twin(model):
             "TFLite. Build it again under tf.keras.mixed_precision.set_global_policy('float32') "
             "and copy the weights (model.get_weights()), or export a functional model."
         ) from err
-    _replace_mixed_policies(config, set())
+    _replace_mixed_policies(config)
     twin = model.__class__.from_config(config)
     twin.set_weights(model.get_weights())
     return twin
@@ -550,8 +548,7 @@ def export_tflite(
     # TFLite converts float32 graphs: a mixed precision model is exported as its float32
     # twin, and the parity check compares the .tflite with that twin.
     keras_precision = ",".join(sorted(mixed_precision_policies(model))) or "float32"
-    if keras_precision != "float32":
-        model = float32_twin(model)
+    model = float32_twin(model)
     original = model
     model = _fixed_input_model(model, input_shape)
     report_warnings = []

@@ -80,7 +80,7 @@ def parse_args(argv):
                      help="float16 for GPUs; bfloat16 for TPUs and CPUs with AVX512_BF16/AMX "
                           "(1.7-2.0x faster training on such a CPU, see BENCHMARKS.md). Changes "
                           "numerics slightly; the .tflite is exported from the float32 twin")
-    run.add_argument("--steps-per-execution", type=int, default=4,
+    run.add_argument("--steps-per-execution", type=int,
                      help="train steps per call of the train function (default 4: less "
                           "overhead, the same steps; 1 calls callbacks after every step)")
     run.add_argument("--deterministic", action="store_true",
@@ -149,7 +149,7 @@ def main(argv=None):
     tf.get_logger().setLevel("ERROR")
     from bireal_tf.data import DataError
     from bireal_tf.export import ExportError
-    from bireal_tf.recipes.loop import TrainingError, train
+    from bireal_tf.recipes.loop import STEPS_PER_EXECUTION, TrainingError, train
     from bireal_tf.recipes.recipe import RECIPES
 
     if args.list:
@@ -175,7 +175,8 @@ def main(argv=None):
             strategy=args.strategy,
             tpu=args.tpu,
             mixed_precision=args.mixed_precision,
-            steps_per_execution=args.steps_per_execution,
+            steps_per_execution=(STEPS_PER_EXECUTION if args.steps_per_execution is None
+                                 else args.steps_per_execution),
             deterministic=args.deterministic,
             limit_train=args.limit_train,
             limit_eval=args.limit_eval,
