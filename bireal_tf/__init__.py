@@ -7,7 +7,8 @@ from bireal_tf._keras_setup import ensure_keras2
 
 ensure_keras2()
 
-from bireal_tf import quantizers, schedules  # noqa: E402  (registers them with Keras)
+from bireal_tf import quantizers  # noqa: E402  (registers them with Keras)
+from bireal_tf.quantizers import custom_objects  # noqa: E402
 from bireal_tf.models import BiRealNet18, BiRealNet34, BiRealNet50, bireal_net  # noqa: E402
 
 __version__ = "0.1.0"
@@ -18,6 +19,6 @@ __all__ = [
     "BiRealNet50",
     "__version__",
     "bireal_net",
+    "custom_objects",
     "quantizers",
-    "schedules",
 ]

@@ -9,6 +9,8 @@ sign(0) = +1 and is the one Larq Compute Engine (LCE) pattern-matches into a
 binary convolution; any other form silently leaves the conv in float.
 """
 
+import contextlib
+
 import larq as lq
 import tensorflow as tf
 
@@ -22,32 +24,53 @@ __all__ = [
     "LeakyClip",
     "HardClip",
     "REAL_ACTIVATIONS",
+    "custom_objects",
 ]
 
 
-def _register(alias, claim_bare_name=False):
-    """Register a class or function with Keras under `bireal_tf>Name` and a short alias.
+_CUSTOM_OBJECTS = {}
 
-    `claim_bare_name` also registers the bare class name. Larq registers its own
-    `ApproxSign` and `MagnitudeAwareSign` under those names, and Keras' legacy
-    (.h5) loader looks classes up by bare name, so without it an .h5 model would
-    load with Larq's classes instead of ours. Ours compute the same function as
-    Larq's with default arguments, so Larq models still load correctly.
+
+def _register(alias):
+    """Register with Keras under `bireal_tf>Name` and the short `alias`, never a bare name.
+
+    Larq registers its own `ApproxSign` and `MagnitudeAwareSign` under the bare
+    names; those stay Larq's. Files whose configs name our classes bare (Keras'
+    legacy .h5 format) load through `custom_objects()`.
     """
 
     def wrap(obj):
         obj = tf.keras.utils.register_keras_serializable(package="bireal_tf")(obj)
         tf.keras.utils.get_custom_objects()[alias] = obj
-        if claim_bare_name:
-            tf.keras.utils.get_custom_objects()[obj.__name__] = obj
+        _CUSTOM_OBJECTS[obj.__name__] = obj
         return obj
 
     return wrap
 
 
-def _sign(x):
-    """sign(x) with sign(0) = +1, in the form LCE recognises."""
-    return lq.math.sign(x)
+@contextlib.contextmanager
+def custom_objects():
+    """A scope in which the bare names `ApproxSign`, `MagnitudeAwareSign`, ... mean ours.
+
+        with bireal_tf.custom_objects():
+            model = tf.keras.models.load_model("model.h5")
+
+    Keras' legacy .h5 configs name classes bare, and Keras merges its global
+    registry (where Larq's classes hold those names) over any scope, so the
+    scope claims the bare names in the global registry and gives them back to
+    Larq on exit. The project's loaders use it; outside it, the names resolve
+    to Larq's classes as usual.
+    """
+    registry = tf.keras.utils.get_custom_objects()
+    saved = {name: registry[name] for name in _CUSTOM_OBJECTS if name in registry}
+    registry.update(_CUSTOM_OBJECTS)
+    try:
+        with tf.keras.utils.custom_object_scope(dict(_CUSTOM_OBJECTS)):
+            yield
+    finally:
+        for name in _CUSTOM_OBJECTS:
+            registry.pop(name, None)
+        registry.update(saved)
 
 
 @tf.custom_gradient
@@ -67,7 +90,7 @@ def approx_sign(x):
         # masked where, in fewer ops (no measurable difference in step time, BENCHMARKS.md).
         return dy * tf.nn.relu(2.0 - 2.0 * tf.abs(x))
 
-    return _sign(x), grad
+    return lq.math.sign(x), grad
 
 
 def _channel_scale(w):
@@ -92,7 +115,7 @@ def magnitude_aware_sign(w, scale_gradient=True, clip_value=1.0):
                 dy = dy * scale
             return tf.where(tf.abs(w) <= clip_value, dy, tf.zeros_like(dy))
 
-        return scale * _sign(w), grad
+        return scale * lq.math.sign(w), grad
 
     return _binarize(w)
 
@@ -102,7 +125,7 @@ def magnitude_aware_sign(w, scale_gradient=True, clip_value=1.0):
 _LarqQuantizer = lq.quantizers._BaseQuantizer
 
 
-@_register("bireal_approx_sign", claim_bare_name=True)
+@_register("bireal_approx_sign")
 class ApproxSign(_LarqQuantizer):
     r"""Binary activations with the ApproxSign gradient (Bi-Real Net, Sec. 3.2).
 
@@ -117,7 +140,7 @@ class ApproxSign(_LarqQuantizer):
         return super().call(approx_sign(inputs))
 
 
-@_register("bireal_magnitude_aware_sign", claim_bare_name=True)
+@_register("bireal_magnitude_aware_sign")
 class MagnitudeAwareSign(_LarqQuantizer):
     r"""Binary weights scaled by their mean magnitude per output channel (Sec. 3.3).
 

@@ -125,3 +125,29 @@ def test_activation_layers_serialize(layer, fn):
     clone = tf.keras.layers.deserialize(tf.keras.layers.serialize(layer))
     assert type(clone) is type(layer)
     np.testing.assert_allclose(clone(GRID).numpy(), fn(GRID).numpy())
+
+
+def test_import_leaves_larqs_own_quantizer_names_to_larq(tmp_path):
+    import bireal_tf
+
+    registered = tf.keras.utils.get_registered_object
+    assert registered("ApproxSign") is lq.quantizers.ApproxSign
+    assert registered("MagnitudeAwareSign") is lq.quantizers.MagnitudeAwareSign
+    assert lq.quantizers.get("MagnitudeAwareSign").__class__ is lq.quantizers.MagnitudeAwareSign
+    # Larq's documented form works in a model built after `import bireal_tf`, and its
+    # .h5 file loads back with Larq's classes.
+    x = tf.keras.Input((8, 8, 3))
+    y = lq.layers.QuantConv2D(4, 3, input_quantizer="ApproxSign", use_bias=False,
+                              kernel_quantizer=lq.quantizers.MagnitudeAwareSign(clip_value=None),
+                              kernel_constraint="weight_clip")(x)
+    model = tf.keras.Model(x, y)
+    model.save(tmp_path / "larq.h5")
+    loaded = tf.keras.models.load_model(tmp_path / "larq.h5")
+    conv = loaded.layers[-1]
+    assert type(conv.input_quantizer) is lq.quantizers.ApproxSign
+    assert type(conv.kernel_quantizer) is lq.quantizers.MagnitudeAwareSign
+    assert conv.kernel_quantizer.clip_value is None
+    # Our scope lends the bare names to ours and gives them back.
+    with bireal_tf.custom_objects():
+        assert registered("MagnitudeAwareSign") is q.MagnitudeAwareSign
+    assert registered("MagnitudeAwareSign") is lq.quantizers.MagnitudeAwareSign

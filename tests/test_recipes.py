@@ -10,13 +10,14 @@ import tensorflow as tf
 
 from bireal_tf.models import binary_conv_layers
 from bireal_tf.recipes import RECIPES, Trainer, TrainingError, RunDirError, get_recipe, train
-from bireal_tf.recipes.recipe import StageSchedule, make_optimizer
+from bireal_tf.recipes.recipe import learning_rate_schedule, make_optimizer
 
 TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)
 
 
 def lr_at(optimizer, step):
-    return float(optimizer._learning_rate(step))  # the schedule the optimizer holds
+    schedule = optimizer._learning_rate  # the schedule the optimizer holds, or a constant
+    return float(schedule(step) if callable(schedule) else schedule)
 
 
 # --- recipe numbers ------------------------------------------------------------------
@@ -108,10 +109,28 @@ def test_model_saved_with_a_recipe_optimizer_loads_without_custom_objects(tmp_pa
     assert float(loaded.optimizer._learning_rate(10 * 10)) == pytest.approx(0.001)
 
 
-def test_schedule_serializes():
-    sched = StageSchedule(0.1, "step", 100, 10, (3, 6))
-    clone = StageSchedule(**sched.get_config())
-    assert float(clone(65)) == pytest.approx(0.001)
+@pytest.mark.parametrize("schedule, milestones", [("step", (3, 6)), ("linear", ()),
+                                                  ("constant", ())])
+def test_schedules_are_keras_builtins_exact_at_every_step(schedule, milestones):
+    from bireal_tf.recipes import Recipe, Stage
+
+    steps, epochs, lr = 7, 8, 0.1
+    recipe = Recipe("t", batch_size=256, base_batch_size=256,
+                    stages=(Stage("s", epochs=epochs, lr=lr, schedule=schedule,
+                                  milestones=milestones),))
+    sched = learning_rate_schedule(recipe, recipe.stages[0], steps)
+    if schedule == "constant":
+        assert sched == lr
+        return
+    assert type(sched).__module__.startswith("tf_keras.")  # Keras' own, not ours
+    clone = type(sched).from_config(sched.get_config())  # serializable as it is
+    for step in range(epochs * steps + 3):
+        if schedule == "step":  # x0.1 from the first step of each milestone epoch
+            expected = lr * 0.1 ** sum(step // steps >= m for m in milestones)
+        else:  # linear to 0 at the last step, then 0
+            expected = lr * max(0.0, 1 - step / (epochs * steps))
+        assert float(sched(step)) == pytest.approx(expected, rel=1e-6, abs=1e-9), step
+        assert float(clone(step)) == float(sched(step))
 
 
 # --- bad input -------------------------------------------------------------------------

@@ -25,14 +25,14 @@ Options shared by the three networks:
   authors) or 1.0 (LCE's faster kernels on device).
 """
 
-import contextlib
-import logging
+import dataclasses
 
 import larq as lq
 import tensorflow as tf
 
 from bireal_tf import quantizers
 from bireal_tf.models.layers import ConstantPadding2D, Subsample2D
+from bireal_tf.utils import quiet_larq
 
 ACTIVATIONS = ("binary",) + tuple(quantizers.REAL_ACTIVATIONS)
 PADDINGS = ("same", "symmetric")
@@ -42,41 +42,19 @@ MIN_INPUT_SIZE = 32  # five stride-2 steps: 32 px leave a 1x1 map before the poo
 _layers = tf.keras.layers
 
 
-@contextlib.contextmanager
-def _quiet_larq_constraint_warning():
-    """Larq warns about binary kernels without a constraint; the authors' nets have
-    none on purpose (their gradient is already zero outside [-1, 1])."""
-    logger = logging.getLogger("larq.layers_base")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
+@dataclasses.dataclass(frozen=True)
 class _Ops:
-    """Layer factories for one network's options, so each architecture reads plainly."""
+    """One network's options, with the layer factories that use them, so each
+    architecture reads plainly."""
 
-    def __init__(
-        self,
-        activation,
-        padding,
-        pad_values,
-        bn_epsilon,
-        bn_momentum,
-        kernel_quantizer,
-        kernel_constraint,
-        kernel_initializer,
-    ):
-        self.activation = activation
-        self.padding = padding
-        self.pad_values = float(pad_values)
-        self.bn_epsilon = bn_epsilon
-        self.bn_momentum = bn_momentum
-        self.kernel_quantizer = kernel_quantizer
-        self.kernel_constraint = kernel_constraint
-        self.kernel_initializer = kernel_initializer
+    activation: str = "binary"
+    padding: str = "same"
+    pad_values: float = 0.0
+    bn_epsilon: float = 1e-5
+    bn_momentum: float = 0.9
+    kernel_quantizer: object = None
+    kernel_constraint: object = None
+    kernel_initializer: object = "glorot_normal"
 
     def new_kernel_quantizer(self):
         """One quantizer object per conv, so per-layer state (Larq metrics) stays apart."""
@@ -130,7 +108,7 @@ class _Ops:
         """
         subsample = strides == 2 and self.padding == "symmetric" and kernel_size > 1
         if self.binary:
-            with _quiet_larq_constraint_warning():
+            with quiet_larq():  # the authors' binary kernels have no constraint
                 conv = lq.layers.QuantConv2D(
                     filters,
                     kernel_size,
@@ -181,40 +159,23 @@ def _check_args(activation, padding, num_classes, include_top, input_shape, pool
                 )
 
 
-def _network(
-    build_body,
-    name,
-    *,
-    input_shape,
-    input_tensor,
-    num_classes,
-    include_top,
-    weights,
-    pooling,
-    classifier_activation,
-    activation,
-    padding,
-    pad_values,
-    bn_epsilon,
-    bn_momentum,
-    kernel_quantizer,
-    kernel_constraint,
-    kernel_initializer,
-):
-    """Input -> body -> head, shared by the three architectures."""
+def _network(build_body, name, ops, *, input_shape, input_tensor, num_classes, include_top,
+             weights, pooling, classifier_activation):
+    """Input -> stem -> body -> head, shared by the three architectures."""
     if input_shape is None and input_tensor is None:
         input_shape = (224, 224, 3)
-    _check_args(activation, padding, num_classes, include_top, input_shape, pooling)
-    ops = _Ops(
-        activation,
-        padding,
-        pad_values,
-        bn_epsilon,
-        bn_momentum,
-        kernel_quantizer,
-        kernel_constraint,
-        kernel_initializer,
-    )
+    _check_args(ops.activation, ops.padding, num_classes, include_top, input_shape, pooling)
+    if weights == "larq_zoo":
+        raise ValueError(
+            "weights='larq_zoo' exists for the 18-layer net only (larq-zoo publishes Bi-Real-18); "
+            "use BiRealNet18(weights='larq_zoo') or bireal_tf.interop.from_larq_zoo()."
+        )
+    if weights is not None and (not isinstance(weights, str) or weights == "imagenet"):
+        raise ValueError(
+            "weights must be None, 'larq_zoo' (Bi-Real-18 only) or the path to a weights "
+            f"file (.h5 or TF checkpoint); got {weights!r}. For PyTorch checkpoints of the "
+            "authors' code use bireal_tf.interop.from_pytorch."
+        )
 
     inputs = _layers.Input(shape=input_shape) if input_tensor is None else input_tensor
     x = build_body(ops, ops.stem(inputs))
@@ -233,16 +194,13 @@ def _network(
 
     if input_tensor is not None:
         inputs = tf.keras.utils.get_source_inputs(input_tensor)
-    suffix = "" if activation == "binary" else f"_{activation}"
+    suffix = "" if ops.activation == "binary" else f"_{ops.activation}"
     model = tf.keras.Model(inputs, x, name=f"{name}{suffix}")
     if weights is not None:
-        if not isinstance(weights, str) or weights == "imagenet":
-            raise ValueError(
-                "weights must be None or the path to a weights file (.h5 or TF checkpoint); "
-                "bireal_tf ships no pretrained weights and downloads nothing. "
-                f"Got {weights!r}."
-            )
-        model.load_weights(weights)
+        from bireal_tf.quantizers import custom_objects
+
+        with custom_objects():
+            model.load_weights(weights)
     return model
 
 
@@ -338,7 +296,8 @@ _DOC_ARGS = """
         input_tensor: optional Keras tensor to build the model on.
         num_classes: number of classes of the top (>= 1).
         include_top: whether to add global average pooling and the `fc` layer.
-        weights: None (random init) or the path of a weights file to load.
+        weights: None (random init), the path of a weights file to load, or (18 layers
+            only) "larq_zoo": larq-zoo's ImageNet weights (`bireal_tf.interop.from_larq_zoo`).
         pooling: without the top, None (feature map), "avg" or "max".
         classifier_activation: activation of the top ("softmax", or None for logits).
         activation: "binary", or "relu" / "leaky_clip" / "clip" for the real variants.
@@ -356,41 +315,49 @@ _DOC_ARGS = """
 """
 
 
-def _defaults(kwargs):
-    merged = dict(
-        input_shape=None,
-        input_tensor=None,
-        num_classes=1000,
-        include_top=True,
-        weights=None,
-        pooling=None,
-        classifier_activation="softmax",
-        activation="binary",
-        padding="same",
-        pad_values=0.0,
-        bn_epsilon=1e-5,
-        bn_momentum=0.9,
-        kernel_quantizer=None,
-        kernel_constraint=None,
-        kernel_initializer="glorot_normal",
-    )
-    unknown = set(kwargs) - set(merged)
-    if unknown:
-        raise TypeError(f"Unknown arguments {sorted(unknown)}; allowed: {sorted(merged)}.")
-    merged.update(kwargs)
-    return merged
+def BiRealNet18(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
+                weights=None, pooling=None, classifier_activation="softmax", *,
+                activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
+                bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
+                kernel_initializer="glorot_normal"):
+    if weights == "larq_zoo":
+        from bireal_tf.interop import from_larq_zoo
+
+        return from_larq_zoo(
+            input_shape=input_shape, input_tensor=input_tensor, num_classes=num_classes,
+            include_top=include_top, pooling=pooling,
+            classifier_activation=classifier_activation, activation=activation,
+            padding=padding, pad_values=pad_values, kernel_quantizer=kernel_quantizer,
+            kernel_initializer=kernel_initializer)
+    ops = _Ops(activation, padding, pad_values, bn_epsilon, bn_momentum, kernel_quantizer,
+               kernel_constraint, kernel_initializer)
+    return _network(_basic_body((4, 4, 4, 4)), "birealnet18", ops, input_shape=input_shape,
+                    input_tensor=input_tensor, num_classes=num_classes, include_top=include_top,
+                    weights=weights, pooling=pooling, classifier_activation=classifier_activation)
 
 
-def BiRealNet18(**kwargs):
-    return _network(_basic_body((4, 4, 4, 4)), "birealnet18", **_defaults(kwargs))
+def BiRealNet34(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
+                weights=None, pooling=None, classifier_activation="softmax", *,
+                activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
+                bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
+                kernel_initializer="glorot_normal"):
+    ops = _Ops(activation, padding, pad_values, bn_epsilon, bn_momentum, kernel_quantizer,
+               kernel_constraint, kernel_initializer)
+    return _network(_basic_body((6, 8, 12, 6)), "birealnet34", ops, input_shape=input_shape,
+                    input_tensor=input_tensor, num_classes=num_classes, include_top=include_top,
+                    weights=weights, pooling=pooling, classifier_activation=classifier_activation)
 
 
-def BiRealNet34(**kwargs):
-    return _network(_basic_body((6, 8, 12, 6)), "birealnet34", **_defaults(kwargs))
-
-
-def BiRealNet50(**kwargs):
-    return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", **_defaults(kwargs))
+def BiRealNet50(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
+                weights=None, pooling=None, classifier_activation="softmax", *,
+                activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
+                bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
+                kernel_initializer="glorot_normal"):
+    ops = _Ops(activation, padding, pad_values, bn_epsilon, bn_momentum, kernel_quantizer,
+               kernel_constraint, kernel_initializer)
+    return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", ops, input_shape=input_shape,
+                    input_tensor=input_tensor, num_classes=num_classes, include_top=include_top,
+                    weights=weights, pooling=pooling, classifier_activation=classifier_activation)
 
 
 BiRealNet18.__doc__ = "Bi-Real Net 18: 16 binary 3x3 convs in [4, 4, 4, 4] blocks.\n" + _DOC_ARGS

@@ -7,7 +7,14 @@ from bireal_tf.recipes.loop import (
     make_strategy,
     train,
 )
-from bireal_tf.recipes.recipe import RECIPES, Recipe, Stage, StageSchedule, get_recipe, make_optimizer
+from bireal_tf.recipes.recipe import (
+    RECIPES,
+    Recipe,
+    Stage,
+    get_recipe,
+    learning_rate_schedule,
+    make_optimizer,
+)
 
 __all__ = [
     "RECIPES",
@@ -15,10 +22,10 @@ __all__ = [
     "Recipe",
     "RunDirError",
     "Stage",
-    "StageSchedule",
     "Trainer",
     "TrainingError",
     "get_recipe",
+    "learning_rate_schedule",
     "make_optimizer",
     "make_strategy",
     "train",

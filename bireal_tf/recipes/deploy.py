@@ -3,7 +3,7 @@ import json
 import os
 
 from bireal_tf.data import load_dataset
-from bireal_tf.recipes.loop import atomic_write
+from bireal_tf.utils import atomic_write_text
 
 
 def export_and_evaluate(summary, output_dir, *, data_dir=None, limit_eval=None, verbose=True):
@@ -39,7 +39,7 @@ def export_and_evaluate(summary, output_dir, *, data_dir=None, limit_eval=None, 
         "size_bytes": os.path.getsize(tflite_path),
         "report": os.path.join(out, "export_report.json"),
     }
-    atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     if verbose:
         print(f".tflite top-1 {lite['top1']:.4f}  top-5 {lite['top5']:.4f}  "
               f"(Keras top-1 {summary['top1']:.4f}; {lite['num_examples']} images)", flush=True)

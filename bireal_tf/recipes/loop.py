@@ -21,19 +21,17 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
 
-import larq as lq
-import numpy as np
 import tensorflow as tf
 
 from bireal_tf import models
 from bireal_tf.data import load_dataset
-from bireal_tf.export.files import atomic_write_text
+from bireal_tf.quantizers import custom_objects
 from bireal_tf.recipes.recipe import make_optimizer
+from bireal_tf.utils import atomic_write_text, library_versions, save_model_atomic
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("float16", "bfloat16")
@@ -55,31 +53,17 @@ class RunDirError(TrainingError):
 # --- small helpers ---------------------------------------------------------------------
 
 
-def atomic_write(path, text):
-    """Write a text file through a temp file and a rename: a crash never leaves half a file."""
-    atomic_write_text(path, text)
-
-
-def save_model_atomic(model, path):
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def library_versions():
-    import larq_compute_engine
-    import larq_zoo
-    import tf_keras
-
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "tf_keras": tf_keras.__version__,
-        "larq": lq.__version__ if hasattr(lq, "__version__") else "unknown",
-        "larq_zoo": getattr(larq_zoo, "__version__", "unknown"),
-        "larq_compute_engine": getattr(larq_compute_engine, "__version__", "unknown"),
-        "numpy": np.__version__,
-    }
+def compile_for_stage(model, optimizer=None, label_smoothing=0.0,
+                      steps_per_execution=STEPS_PER_EXECUTION):
+    """Compile `model` as every stage trains and evaluates it: one-hot cross-entropy
+    (with the stage's label smoothing), top-1 and top-5 accuracy."""
+    model.compile(
+        optimizer=optimizer,
+        loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=[tf.keras.metrics.CategoricalAccuracy(name="top1"),
+                 tf.keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
+        steps_per_execution=steps_per_execution,
+    )
 
 
 def make_strategy(name, tpu=None):
@@ -120,43 +104,6 @@ def worker_info(strategy):
     return is_chief, task_id
 
 
-# --- callbacks -------------------------------------------------------------------------
-
-
-class NaNGuard(tf.keras.callbacks.Callback):
-    """Stop at a non-finite loss and remember where, so nothing bad is saved.
-
-    The logged loss is a running mean, so once non-finite it stays so; checking
-    every `every` batches (and at the epoch's end) finds it without forcing a
-    device sync on every step.
-    """
-
-    def __init__(self, every=10):
-        super().__init__()
-        self.every = every
-        self.bad_step = None
-        self._next = 0
-
-    def _check(self, batch, logs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.bad_step = batch
-            self.model.stop_training = True
-
-    def on_train_batch_end(self, batch, logs=None):
-        # With steps_per_execution = k, Keras calls this every k steps (batch k-1, 2k-1, ...).
-        if batch >= self._next:
-            self._next = batch + self.every
-            self._check(batch, logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._next = 0
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.bad_step is None:
-            self._check("end", logs)
-
-
 # --- the loop --------------------------------------------------------------------------
 
 
@@ -179,6 +126,7 @@ class Trainer:
         deterministic=False,
         limit_train=None,
         limit_eval=None,
+        on_corrupt="skip",
         validate=True,
         verbose=1,
     ):
@@ -195,6 +143,7 @@ class Trainer:
         self.deterministic = deterministic
         self.limit_train = limit_train
         self.limit_eval = limit_eval
+        self.on_corrupt = on_corrupt
         self.validate = validate
         self.verbose = verbose
         if start_stage is not None:
@@ -228,7 +177,7 @@ class Trainer:
                 "--output-dir, or pass --overwrite to use it anyway."
             )
         os.makedirs(self.write_dir, exist_ok=True)
-        atomic_write(marker, json.dumps({"recipe": self.recipe.name,
+        atomic_write_text(marker, json.dumps({"recipe": self.recipe.name,
                                          "config": self.recipe.to_dict()}, indent=2))
 
     def _dataset(self, split, augmentation, seed, limit, batch_size):
@@ -244,6 +193,7 @@ class Trainer:
             repeat=split == "train",
             drop_remainder=split == "train",
             limit=limit,
+            on_corrupt=self.on_corrupt,
         )
 
     def _one_hot(self, spec):
@@ -273,7 +223,8 @@ class Trainer:
         if not os.path.exists(path):
             raise TrainingError(f"--init-weights {path} does not exist.")
         if path.endswith(".keras") or os.path.isdir(path):
-            source = tf.keras.models.load_model(path, compile=False)
+            with custom_objects():
+                source = tf.keras.models.load_model(path, compile=False)
             by_name = {layer.name: layer for layer in source.layers}
             copied = 0
             for layer in model.layers:
@@ -283,7 +234,8 @@ class Trainer:
             if copied == 0:
                 raise TrainingError(f"{path} shares no layer names with the {model.name} model.")
         else:
-            model.load_weights(path, by_name=path.endswith(".h5"))
+            with custom_objects():
+                model.load_weights(path, by_name=path.endswith(".h5"))
 
     # -- running --
 
@@ -353,13 +305,7 @@ class Trainer:
             if init_path:
                 self._load_initial_weights(model, init_path)
             optimizer = make_optimizer(recipe, stage, steps)
-            model.compile(
-                optimizer=optimizer,
-                loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
-                metrics=[tf.keras.metrics.CategoricalAccuracy(name="top1"),
-                         tf.keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
-                steps_per_execution=self.steps_per_execution,
-            )
+            compile_for_stage(model, optimizer, stage.label_smoothing, self.steps_per_execution)
         # The epoch counter lives outside the strategy scope: a plain variable on the host.
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          epoch=tf.Variable(0, dtype=tf.int64, trainable=False))
@@ -373,8 +319,8 @@ class Trainer:
             self._say(f"Stage {stage.name}: {stage.epochs} epochs of {steps} steps, batch {batch}, "
                       f"{stage.optimizer} lr {recipe.scaled_lr(stage):g} ({stage.schedule})")
 
-        guard = NaNGuard()
-        callbacks = [guard, tf.keras.callbacks.TensorBoard(
+        # TerminateOnNaN stops at the first non-finite loss; the epoch is then not saved.
+        callbacks = [tf.keras.callbacks.TerminateOnNaN(), tf.keras.callbacks.TensorBoard(
             os.path.join(self.write_dir, "logs", stage.name), profile_batch=0)]
         val = self._one_hot(eval_spec).take(eval_spec.steps_per_epoch) if self.validate else None
         images, seconds = 0, 0.0
@@ -387,12 +333,12 @@ class Trainer:
             history = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
                                 validation_data=val, callbacks=callbacks, verbose=self.verbose)
             elapsed = time.time() - t
-            if guard.bad_step is not None:
+            logs = {k: v[-1] for k, v in history.history.items()}
+            if not math.isfinite(logs.get("loss", 0.0)):
                 kept = manager.latest_checkpoint or "none (it failed in the first epoch)"
-                where = "its end" if guard.bad_step == "end" else f"step {guard.bad_step + 1}"
                 raise TrainingError(
-                    f"Loss became NaN/inf in stage {stage.name}, epoch {epoch + 1}, at "
-                    f"{where}. Stopped; nothing of this epoch was saved. Last good "
+                    f"Loss became NaN/inf in stage {stage.name}, epoch {epoch + 1}. "
+                    "Stopped; nothing of this epoch was saved. Last good "
                     f"checkpoint: {kept}. Lower --lr or check the data, then rerun the same "
                     "command to resume from it."
                 )
@@ -400,7 +346,6 @@ class Trainer:
             seconds += elapsed
             # The metrics row first, then the checkpoint: a kill between the two re-runs
             # the epoch, whose row is then replaced; the other order would lose the row.
-            logs = {k: v[-1] for k, v in history.history.items()}
             lr = float(tf.keras.backend.get_value(optimizer.learning_rate))
             self._add_row(stage.name, epoch + 1, logs, lr, elapsed, steps * batch / elapsed)
             checkpoint.epoch.assign(epoch + 1)
@@ -427,18 +372,17 @@ class Trainer:
         writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(self.rows)
-        atomic_write(os.path.join(self.write_dir, "metrics.csv"), out.getvalue())
+        atomic_write_text(os.path.join(self.write_dir, "metrics.csv"), out.getvalue())
 
     def _finish(self, final_path, model, eval_spec, wall, train_images, train_seconds):
         recipe = self.recipe
         if model is None:  # every stage was done before: load the last one to evaluate
-            model = tf.keras.models.load_model(final_path, compile=False)
+            with custom_objects():
+                model = tf.keras.models.load_model(final_path, compile=False)
         if eval_spec is None:
             eval_spec = self._dataset("test", "none", None, self.limit_eval, recipe.batch_size)
         with self.strategy.scope():
-            model.compile(loss="categorical_crossentropy",
-                          metrics=[tf.keras.metrics.CategoricalAccuracy(name="top1"),
-                                   tf.keras.metrics.TopKCategoricalAccuracy(5, name="top5")])
+            compile_for_stage(model, steps_per_execution=1)
         results = model.evaluate(self._one_hot(eval_spec), verbose=0, return_dict=True)
         final_model = os.path.join(self.write_dir, "model.keras")
         save_model_atomic(model, final_model)
@@ -470,7 +414,7 @@ class Trainer:
 
         if self.rows:
             plot_curves(self.rows, os.path.join(self.write_dir, "curves.png"))
-        atomic_write(os.path.join(self.write_dir, "summary.json"), json.dumps(summary, indent=2))
+        atomic_write_text(os.path.join(self.write_dir, "summary.json"), json.dumps(summary, indent=2))
         return summary
 
     def _say(self, message):

@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import tensorflow as tf
 
-from bireal_tf.schedules import StageSchedule
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("linear", "step", "constant")
@@ -115,15 +114,32 @@ class Recipe:
         return replace(self, stages=tuple(stages), **for_recipe)
 
 
+def learning_rate_schedule(recipe, stage, steps_per_epoch):
+    """The stage's learning rate per step, as Keras' built-in schedules (serializable).
+
+    linear:   lr * (1 - step / total_steps)          PolynomialDecay, power 1, to 0
+    step:     lr * 0.1 ** (milestones passed)        PiecewiseConstantDecay; milestone m
+                                                     takes effect at step m * steps_per_epoch
+    constant: lr
+
+    The optimizer evaluates the schedule at its iteration count before the update,
+    so step 0 is the first step of epoch 0.
+    """
+    lr = recipe.scaled_lr(stage)
+    schedules = tf.keras.optimizers.schedules
+    if stage.schedule == "linear":
+        return schedules.PolynomialDecay(lr, stage.epochs * steps_per_epoch, 0.0, power=1.0)
+    if stage.schedule == "step" and stage.milestones:
+        # PiecewiseConstantDecay keeps values[i] while step <= boundaries[i].
+        boundaries = [int(m) * steps_per_epoch - 1 for m in sorted(stage.milestones)]
+        values = [lr * 0.1**i for i in range(len(boundaries) + 1)]
+        return schedules.PiecewiseConstantDecay(boundaries, values)
+    return lr
+
+
 def make_optimizer(recipe, stage, steps_per_epoch):
     """The stage's optimizer with its schedule, the lr scaled to the batch size."""
-    schedule = StageSchedule(
-        recipe.scaled_lr(stage),
-        stage.schedule,
-        total_steps=stage.epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        milestones=stage.milestones,
-    )
+    schedule = learning_rate_schedule(recipe, stage, steps_per_epoch)
     decay = stage.weight_decay or None
     if stage.optimizer == "sgd":
         return tf.keras.optimizers.SGD(schedule, momentum=stage.momentum, weight_decay=decay)
@@ -209,7 +225,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "Stage",
-    "StageSchedule",
     "get_recipe",
+    "learning_rate_schedule",
     "make_optimizer",
 ]

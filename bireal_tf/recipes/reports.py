@@ -1,10 +1,10 @@
 """The PNG of a run's training curves."""
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+from bireal_tf.utils import save_figure_atomic  # noqa: E402
 
 
 def _floats(rows, key):
@@ -31,7 +31,7 @@ def plot_curves(rows, path):
         ax.legend()
     fig.suptitle(" -> ".join(dict.fromkeys(stages)))
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        save_figure_atomic(fig, path, dpi=100)
+    finally:
+        plt.close(fig)

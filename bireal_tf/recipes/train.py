@@ -47,6 +47,9 @@ def parse_args(argv):
     data.add_argument("--image-size", type=int, help="training and evaluation crop size")
     data.add_argument("--limit-train", type=int, help="use only the first N training examples")
     data.add_argument("--limit-eval", type=int, help="use only the first N test examples")
+    data.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip",
+                      help="--dataset folder: skip files that are not images (default; each is "
+                           "named in a warning) or fail on the first one")
     hp = p.add_argument_group("hyper-parameters (stage fields apply to --stage, else to all "
                               "stages but the BatchNorm retrain)")
     hp.add_argument("--epochs", type=int)
@@ -126,19 +129,6 @@ def build_recipe(args):
     )
 
 
-def cpu_bf16_flags():
-    """The bfloat16 instruction sets of this CPU (Linux /proc/cpuinfo), e.g. ["amx_bf16"]."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return []
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -151,6 +141,7 @@ def main(argv=None):
     from bireal_tf.export import ExportError
     from bireal_tf.recipes.loop import STEPS_PER_EXECUTION, TrainingError, train
     from bireal_tf.recipes.recipe import RECIPES
+    from bireal_tf.utils import bf16_cpu_flags
 
     if args.list:
         for name, r in RECIPES.items():
@@ -160,7 +151,7 @@ def main(argv=None):
     try:
         recipe = build_recipe(args)
         output_dir = args.output_dir or os.path.join("runs", recipe.name)
-        bf16 = cpu_bf16_flags()
+        bf16 = bf16_cpu_flags()
         if (not args.mixed_precision and not args.quiet and bf16
                 and not tf.config.list_physical_devices("GPU")):
             print(f"Note: this CPU has {' and '.join(bf16)}: --mixed-precision bfloat16 trains "
@@ -180,6 +171,7 @@ def main(argv=None):
             deterministic=args.deterministic,
             limit_train=args.limit_train,
             limit_eval=args.limit_eval,
+            on_corrupt=args.on_corrupt,
             validate=not args.no_validate,
             verbose=0 if args.quiet else 1,
         )
