@@ -96,6 +96,14 @@ def _seeds(seed):
     return int(a), int(b)
 
 
+def _epoch_seeds(seed, epoch):
+    """(shuffle seed, augmentation seed) of one epoch: int64 tensors, functions of (seed, epoch)."""
+    shuffle_seed, augment_seed = _seeds(seed)
+    epoch = tf.cast(epoch, tf.int64)
+    return ((shuffle_seed * 1_000_003 + epoch) % (2**31 - 1),
+            (augment_seed * 1_000_003 + epoch) % (2**31 - 1))
+
+
 def load_dataset(
     name,
     split,
@@ -110,6 +118,8 @@ def load_dataset(
     drop_remainder=False,
     limit=None,
     on_corrupt="skip",
+    start_epoch=None,
+    steps_per_epoch=None,
 ):
     """Build the input pipeline of `split` ("train"/"test") of dataset `name` (one of DATASETS).
 
@@ -117,9 +127,19 @@ def load_dataset(
     normalised images, int32 [B] labels). `shuffle` defaults to True for
     "train". `limit` keeps the first N examples. Raises DataError, with the
     fix in its message, for every bad input.
+
+    Training by epochs (the training loop): with `start_epoch` and
+    `steps_per_epoch`, the dataset yields epoch `start_epoch`, then the next, ...
+    without end, each `steps_per_epoch` full batches (default: one pass) whose order and augmentation
+    are functions of (`seed`, epoch) only. The source (file list, arrays, TFDS
+    reader) is built once; a run resumed at epoch k sees what an uninterrupted
+    run saw in epoch k.
     """
     split = _check_args(name, split, batch_size, image_size, augmentation, limit, on_corrupt, seed)
     shuffle = split == "train" if shuffle is None else bool(shuffle)
+    by_epoch = start_epoch is not None
+    if by_epoch and seed is None:
+        raise DataError("start_epoch needs a seed: each epoch's data are drawn from (seed, epoch).")
     shuffle_seed, augment_seed = _seeds(seed)
     source = _source(name, split, data_dir=data_dir, shuffle=shuffle, seed=shuffle_seed,
                      limit=limit, on_corrupt=on_corrupt)
@@ -127,32 +147,55 @@ def load_dataset(
     size = int(image_size or profile.default_size)
     # Order only matters to reproduce a run or when nothing random happens (e.g. comparing two models on test).
     deterministic = seed is not None or (not shuffle and augmentation == "none")
-
-    ds = source.examples
-    if shuffle:
-        ds = ds.shuffle(source.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-
     decode = source.decode
-    if augmentation == "none":
-        def transform(raw, label):
-            return preprocess(decode(raw), augmentation="none", size=size, profile=profile), label
+
+    def transform(example, pair=None):
+        raw, label = example
+        image = preprocess(decode(raw), augmentation=augmentation, size=size, profile=profile,
+                           seed=pair)
+        return image, label
+
+    def batches(ds, shuffle_seed, augment_seeds, reshuffle, drop):
+        """shuffle -> repeat -> decode + preprocess -> batch, for one pass or an endless stream."""
+        if shuffle:
+            ds = ds.shuffle(source.shuffle_buffer, seed=shuffle_seed,
+                            reshuffle_each_iteration=reshuffle)
+        if repeat or by_epoch:
+            ds = ds.repeat()
+        if augmentation == "none":
+            ds = ds.map(lambda raw, label: transform((raw, label)),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        else:
+            # Each example gets its own stateless seed pair, drawn in its position in the stream.
+            ds = tf.data.Dataset.zip((ds, augment_seeds))
+            ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        if source.decode_can_fail:
+            ds = ds.ignore_errors(log_warning=True)
+        return ds.batch(batch_size, drop_remainder=drop, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=deterministic)
+
+    if by_epoch:
+        steps_per_epoch = steps_per_epoch or source.num_examples // batch_size
+        if steps_per_epoch < 1:
+            raise DataError(f"batch_size {batch_size} is larger than the {source.num_examples} "
+                            f"examples of {name} {split}; lower the batch size.")
+
+        def one_epoch(epoch):
+            # The shuffle's seed is a tensor here; TF's seed logic compares the op seed in
+            # Python when the graph seed is 0 (set_random_seed(0)), which a tensor cannot
+            # answer. A fixed graph seed for this function only sidesteps that comparison.
+            tf.random.set_seed(1)
+            epoch_shuffle, epoch_augment = _epoch_seeds(seed, epoch)
+            pairs = tf.data.Dataset.range(2**62).map(
+                lambda i: tf.stack([epoch_augment, i]))
+            ds = batches(source.examples, epoch_shuffle, pairs, True, True)
+            return ds.take(steps_per_epoch)
+
+        ds = tf.data.Dataset.range(int(start_epoch), 2**62).flat_map(one_epoch)
+        drop_remainder = True
     else:
-        # Each example gets its own stateless seed pair, drawn in its position in the stream.
-        seeds = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds))
-
-        def transform(example, pair):
-            raw, label = example
-            image = preprocess(decode(raw), augmentation=augmentation, size=size, profile=profile, seed=pair)
-            return image, label
-
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    if source.decode_can_fail:
-        ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=deterministic)
+        pairs = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)
+        ds = batches(source.examples, shuffle_seed, pairs, True, drop_remainder)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic

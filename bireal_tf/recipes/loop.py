@@ -105,6 +105,26 @@ def worker_info(strategy):
     return is_chief, task_id
 
 
+class _EpochEnd(tf.keras.callbacks.Callback):
+    """Calls `fn(epoch, logs, seconds, train_seconds)` at each epoch's end; `train_seconds`
+    stops where validation starts."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start, self.train_seconds = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self.train_seconds is None:
+            self.train_seconds = time.perf_counter() - self.start
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.start
+        self.fn(epoch, logs or {}, seconds, self.train_seconds or seconds)
+
+
 # --- the loop --------------------------------------------------------------------------
 
 
@@ -181,7 +201,7 @@ class Trainer:
         atomic_write_text(marker, json.dumps({"recipe": self.recipe.name,
                                          "config": self.recipe.to_dict()}, indent=2))
 
-    def _dataset(self, split, augmentation, seed, limit, batch_size):
+    def _dataset(self, split, augmentation, seed, limit, batch_size, **by_epoch):
         return load_dataset(
             self.recipe.dataset,
             split,
@@ -195,6 +215,7 @@ class Trainer:
             drop_remainder=split == "train",
             limit=limit,
             on_corrupt=self.on_corrupt,
+            **by_epoch,
         )
 
     def _one_hot(self, spec):
@@ -292,66 +313,94 @@ class Trainer:
         recipe = self.recipe
         os.makedirs(stage_dir, exist_ok=True)
         batch = recipe.batch_size
-        probe = self._dataset("train", stage.augmentation, recipe.seed, self.limit_train, batch)
-        steps = recipe.steps_per_epoch or probe.steps_per_epoch
-        if steps < 1:
-            raise TrainingError(
-                f"batch size {batch} is larger than the {probe.num_examples} training examples; "
-                "lower --batch-size."
-            )
+        ckpt_dir = os.path.join(stage_dir, "checkpoints")
+        resume_path, first = self._readable_checkpoint(ckpt_dir, stage)
+
+        # Built once per stage: epoch e's order and augmentation depend on (seed, stage, e)
+        # only, so a resumed run sees the batches of an uninterrupted one.
+        spec = self._dataset("train", stage.augmentation, recipe.seed * 1_000_003 + index * 10_007,
+                             self.limit_train, batch, start_epoch=first,
+                             steps_per_epoch=recipe.steps_per_epoch)
+        steps = recipe.steps_per_epoch or spec.steps_per_epoch
         eval_spec = self._dataset("test", "none", None, self.limit_eval, batch)
 
         with self.strategy.scope():
-            model = self.build_model(stage, probe.num_classes, probe.image_size)
+            model = self.build_model(stage, spec.num_classes, spec.image_size)
             if init_path:
                 self._load_initial_weights(model, init_path)
             optimizer = make_optimizer(recipe, stage, steps)
+            optimizer.build(model.trainable_variables)  # slots exist, so a restore is complete
             compile_for_stage(model, optimizer, stage.label_smoothing, self.steps_per_execution)
         # The epoch counter lives outside the strategy scope: a plain variable on the host.
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          epoch=tf.Variable(0, dtype=tf.int64, trainable=False))
-        manager = tf.train.CheckpointManager(checkpoint, os.path.join(stage_dir, "checkpoints"),
-                                             max_to_keep=2)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).expect_partial()
-            self._say(f"Stage {stage.name}: resuming after epoch {int(checkpoint.epoch)} "
-                      f"from {manager.latest_checkpoint}")
+        manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=2)
+        if resume_path:
+            checkpoint.restore(resume_path).assert_existing_objects_matched()
+            self._say(f"Stage {stage.name}: resuming after epoch {first} from {resume_path}")
         else:
             self._say(f"Stage {stage.name}: {stage.epochs} epochs of {steps} steps, batch {batch}, "
                       f"{stage.optimizer} lr {recipe.scaled_lr(stage):g} ({stage.schedule})")
 
-        # TerminateOnNaN stops at the first non-finite loss; the epoch is then not saved.
-        callbacks = [tf.keras.callbacks.TerminateOnNaN(), tf.keras.callbacks.TensorBoard(
-            os.path.join(self.write_dir, "logs", stage.name), profile_batch=0)]
+        if first >= stage.epochs:  # stopped after the last checkpoint, before model.keras
+            return model, eval_spec, 0, 0.0
+        train = self._one_hot(spec)
         val = self._one_hot(eval_spec).take(eval_spec.steps_per_epoch) if self.validate else None
-        images, seconds = 0, 0.0
-        for epoch in range(int(checkpoint.epoch), stage.epochs):
-            # The epoch's data depend on (seed, stage, epoch) only: resuming sees the same batches.
-            seed = recipe.seed * 1_000_003 + index * 10_007 + epoch
-            spec = self._dataset("train", stage.augmentation, seed, self.limit_train, batch)
-            train = self._one_hot(spec).take(steps)
-            t = time.time()
-            history = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps,
-                                validation_data=val, callbacks=callbacks, verbose=self.verbose)
-            elapsed = time.time() - t
-            logs = {k: v[-1] for k, v in history.history.items()}
-            if not math.isfinite(logs.get("loss", 0.0)):
-                kept = manager.latest_checkpoint or "none (it failed in the first epoch)"
-                raise TrainingError(
-                    f"Loss became NaN/inf in stage {stage.name}, epoch {epoch + 1}. "
-                    "Stopped; nothing of this epoch was saved. Last good "
-                    f"checkpoint: {kept}. Lower --lr or check the data, then rerun the same "
-                    "command to resume from it."
-                )
-            images += steps * batch
-            seconds += elapsed
+        totals = {"images": 0, "seconds": 0.0}
+
+        def epoch_done(epoch, logs, seconds, train_seconds):
+            if not math.isfinite(logs.get("loss", float("nan"))):
+                return  # TerminateOnNaN has stopped the run; nothing of this epoch is saved
+            totals["images"] += steps * batch
+            totals["seconds"] += train_seconds
             # The metrics row first, then the checkpoint: a kill between the two re-runs
             # the epoch, whose row is then replaced; the other order would lose the row.
             lr = float(tf.keras.backend.get_value(optimizer.learning_rate))
-            self._add_row(stage.name, epoch + 1, logs, lr, elapsed, steps * batch / elapsed)
+            self._add_row(stage.name, epoch + 1, logs, lr, seconds, steps * batch / train_seconds)
             checkpoint.epoch.assign(epoch + 1)
             manager.save(checkpoint_number=epoch + 1)
-        return model, eval_spec, images, seconds
+
+        callbacks = [
+            tf.keras.callbacks.TerminateOnNaN(),  # stops at the first non-finite loss
+            _EpochEnd(epoch_done),
+            tf.keras.callbacks.TensorBoard(os.path.join(self.write_dir, "logs", stage.name),
+                                           profile_batch=0),
+        ]
+        history = model.fit(train, initial_epoch=first, epochs=stage.epochs, steps_per_epoch=steps,
+                            validation_data=val, callbacks=callbacks, verbose=self.verbose)
+        if history.epoch and not math.isfinite(history.history["loss"][-1]):
+            kept = manager.latest_checkpoint or "none (it failed in the first epoch)"
+            raise TrainingError(
+                f"Loss became NaN/inf in stage {stage.name}, epoch {history.epoch[-1] + 1}. "
+                "Stopped; nothing of this epoch was saved. Last good "
+                f"checkpoint: {kept}. Lower --lr or check the data, then rerun the same "
+                "command to resume from it."
+            )
+        return model, eval_spec, totals["images"], totals["seconds"]
+
+    def _readable_checkpoint(self, ckpt_dir, stage):
+        """(path, epoch) of the stage's newest readable checkpoint; (None, 0) if none.
+
+        A checkpoint that cannot be read (truncated or corrupt files) is skipped with a
+        warning naming it, and the one before it is used.
+        """
+        state = tf.train.get_checkpoint_state(ckpt_dir)
+        paths = list(state.all_model_checkpoint_paths) if state else []
+        for path in reversed(paths):
+            try:
+                reader = tf.train.load_checkpoint(path)
+                for name in reader.get_variable_to_shape_map():
+                    reader.get_tensor(name)  # reads every value: a damaged file fails here
+                return path, int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+            except (tf.errors.OpError, ValueError) as err:
+                line = (str(err).strip().splitlines() or [""])[0][:200]
+                print(f"Warning: checkpoint {path} of stage {stage.name} cannot be read "
+                      f"({type(err).__name__}: {line}); using the one before it.",
+                      file=sys.stderr, flush=True)
+        if paths:
+            print(f"Warning: no checkpoint of stage {stage.name} could be read; the stage starts "
+                  "over.", file=sys.stderr, flush=True)
+        return None, 0
 
     # -- reports --
 
