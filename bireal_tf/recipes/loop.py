@@ -148,6 +148,7 @@ class Trainer:
         limit_train=None,
         limit_eval=None,
         on_corrupt="skip",
+        data_settings=None,
         validate=True,
         verbose=1,
     ):
@@ -165,6 +166,7 @@ class Trainer:
         self.limit_train = limit_train
         self.limit_eval = limit_eval
         self.on_corrupt = on_corrupt
+        self.data_settings = data_settings or {}
         self.validate = validate
         self.verbose = verbose
         if start_stage is not None:
@@ -367,7 +369,8 @@ class Trainer:
                                            profile_batch=0),
         ]
         history = model.fit(train, initial_epoch=first, epochs=stage.epochs, steps_per_epoch=steps,
-                            validation_data=val, callbacks=callbacks, verbose=self.verbose)
+                            validation_data=val, callbacks=callbacks, verbose=self.verbose,
+                            validation_steps=eval_spec.steps_per_epoch if val else None)
         if history.epoch and not math.isfinite(history.history["loss"][-1]):
             kept = manager.latest_checkpoint or "none (it failed in the first epoch)"
             raise TrainingError(
@@ -392,7 +395,7 @@ class Trainer:
                 for name in reader.get_variable_to_shape_map():
                     reader.get_tensor(name)  # reads every value: a damaged file fails here
                 return path, int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
-            except (tf.errors.OpError, ValueError) as err:
+            except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as err:  # damaged files
                 line = (str(err).strip().splitlines() or [""])[0][:200]
                 print(f"Warning: checkpoint {path} of stage {stage.name} cannot be read "
                       f"({type(err).__name__}: {line}); using the one before it.",
@@ -440,6 +443,7 @@ class Trainer:
             "recipe": recipe.name,
             "config": recipe.to_dict(),
             "learning_rates": {s.name: recipe.scaled_lr(s) for s in recipe.stages},
+            "data_settings": self.data_settings,
             "dataset": {"name": recipe.dataset, "data_dir": self.data_dir,
                         "test_examples": eval_spec.num_examples,
                         "image_size": eval_spec.image_size},
