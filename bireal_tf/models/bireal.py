@@ -159,9 +159,10 @@ def _check_args(activation, padding, num_classes, include_top, input_shape, pool
                 )
 
 
-def _network(build_body, name, ops, *, input_shape, input_tensor, num_classes, include_top,
-             weights, pooling, classifier_activation):
-    """Input -> stem -> body -> head, shared by the three architectures."""
+def _network(build_body, name, *, input_shape, input_tensor, num_classes, include_top, weights,
+             pooling, classifier_activation, **options):
+    """Input -> stem -> body -> head, shared by the three architectures; `options` are _Ops'."""
+    ops = _Ops(**options)
     if input_shape is None and input_tensor is None:
         input_shape = (224, 224, 3)
     _check_args(ops.activation, ops.padding, num_classes, include_top, input_shape, pooling)
@@ -320,6 +321,7 @@ def BiRealNet18(input_shape=None, input_tensor=None, num_classes=1000, include_t
                 activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
                 bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
                 kernel_initializer="glorot_normal"):
+    arguments = dict(locals())  # every argument above, passed on by name
     if weights == "larq_zoo":
         from bireal_tf.interop import from_larq_zoo
 
@@ -329,11 +331,7 @@ def BiRealNet18(input_shape=None, input_tensor=None, num_classes=1000, include_t
             classifier_activation=classifier_activation, activation=activation,
             padding=padding, pad_values=pad_values, kernel_quantizer=kernel_quantizer,
             kernel_initializer=kernel_initializer)
-    ops = _Ops(activation, padding, pad_values, bn_epsilon, bn_momentum, kernel_quantizer,
-               kernel_constraint, kernel_initializer)
-    return _network(_basic_body((4, 4, 4, 4)), "birealnet18", ops, input_shape=input_shape,
-                    input_tensor=input_tensor, num_classes=num_classes, include_top=include_top,
-                    weights=weights, pooling=pooling, classifier_activation=classifier_activation)
+    return _network(_basic_body((4, 4, 4, 4)), "birealnet18", **arguments)
 
 
 def BiRealNet34(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
@@ -341,11 +339,8 @@ def BiRealNet34(input_shape=None, input_tensor=None, num_classes=1000, include_t
                 activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
                 bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
                 kernel_initializer="glorot_normal"):
-    ops = _Ops(activation, padding, pad_values, bn_epsilon, bn_momentum, kernel_quantizer,
-               kernel_constraint, kernel_initializer)
-    return _network(_basic_body((6, 8, 12, 6)), "birealnet34", ops, input_shape=input_shape,
-                    input_tensor=input_tensor, num_classes=num_classes, include_top=include_top,
-                    weights=weights, pooling=pooling, classifier_activation=classifier_activation)
+    arguments = dict(locals())  # every argument above, passed on by name
+    return _network(_basic_body((6, 8, 12, 6)), "birealnet34", **arguments)
 
 
 def BiRealNet50(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
@@ -353,11 +348,8 @@ def BiRealNet50(input_shape=None, input_tensor=None, num_classes=1000, include_t
                 activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
                 bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
                 kernel_initializer="glorot_normal"):
-    ops = _Ops(activation, padding, pad_values, bn_epsilon, bn_momentum, kernel_quantizer,
-               kernel_constraint, kernel_initializer)
-    return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", ops, input_shape=input_shape,
-                    input_tensor=input_tensor, num_classes=num_classes, include_top=include_top,
-                    weights=weights, pooling=pooling, classifier_activation=classifier_activation)
+    arguments = dict(locals())  # every argument above, passed on by name
+    return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", **arguments)
 
 
 BiRealNet18.__doc__ = "Bi-Real Net 18: 16 binary 3x3 convs in [4, 4, 4, 4] blocks.\n" + _DOC_ARGS

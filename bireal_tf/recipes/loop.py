@@ -149,6 +149,7 @@ class Trainer:
         limit_eval=None,
         on_corrupt="skip",
         data_settings=None,
+        callbacks=(),
         validate=True,
         verbose=1,
     ):
@@ -167,6 +168,7 @@ class Trainer:
         self.limit_eval = limit_eval
         self.on_corrupt = on_corrupt
         self.data_settings = data_settings or {}
+        self.callbacks = list(callbacks)  # extra Keras callbacks for every stage's fit
         self.validate = validate
         self.verbose = verbose
         if start_stage is not None:
@@ -367,6 +369,7 @@ class Trainer:
             _EpochEnd(epoch_done),
             tf.keras.callbacks.TensorBoard(os.path.join(self.write_dir, "logs", stage.name),
                                            profile_batch=0),
+            *self.callbacks,
         ]
         history = model.fit(train, initial_epoch=first, epochs=stage.epochs, steps_per_epoch=steps,
                             validation_data=val, callbacks=callbacks, verbose=self.verbose,
