@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from bireal_tf import models
 from bireal_tf.data import load_dataset
-from bireal_tf.export.files import atomic_write_text
+from bireal_tf.utils import atomic_write_text
 from bireal_tf.recipes.recipe import make_optimizer
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
