@@ -22,24 +22,13 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from bireal_tf.export.checks import (
-    ParitySettings,
-    compare_outputs,
-    float_binary_convs,
-    lce_zero_padding_hazards,
-    sign_margins,
-)
-from bireal_tf.export.files import (
-    ExportError,
-    ModelFileError,
-    check_output_path,
-    first_line,
-    load_keras_model,
-)
+from bireal_tf.export.checks import (ParitySettings, compare_outputs, float_binary_convs,
+                                     lce_zero_padding_hazards, sign_margins)
+from bireal_tf.export.files import (ExportError, ModelFileError, check_output_path, first_line,
+                                    load_keras_model)
 from bireal_tf.export.flatbuffer import TFLiteGraph
 from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency, SizeCheck
 from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
@@ -168,31 +157,24 @@ def float32_twin(model, input_shape=None):
     return twin
 
 
-def _sample_array(sample_inputs, shape, n) -> np.ndarray:
-    """Up to n inputs from an array, a tf.data.Dataset of images or (images, labels), or a
-    DatasetSpec (its `.dataset`)."""
+def _parity_inputs(model, sample_inputs, settings: ParitySettings):
+    """(inputs, kind) for the parity check: up to `settings.samples` of `sample_inputs`
+    (an array, a tf.data.Dataset of batches of images or (images, labels), a DatasetSpec),
+    or random."""
     import tensorflow as tf
 
-    data = getattr(sample_inputs, "dataset", sample_inputs)
-    if isinstance(data, tf.data.Dataset):
-        pieces = []
-        for element in data:
-            pieces.append(np.asarray(element[0] if isinstance(element, (tuple, list)) else element))
-            if sum(len(p) for p in pieces) >= n:
-                break
-        data = np.concatenate(pieces) if pieces else np.zeros((0,) + shape)
-    array = np.asarray(data, dtype=np.float32)
-    if array.shape[1:] != shape or len(array) == 0:
-        raise ExportError(f"sample_inputs of shape {array.shape} do not fit the model's input "
-                          f"(N, {', '.join(str(d) for d in shape)}).")
-    return array[:n]
-
-
-def _parity_inputs(model, sample_inputs, settings: ParitySettings):
-    """(inputs, kind) for the parity check; see ParitySettings."""
     shape = tuple(model.inputs[0].shape[1:])
     if sample_inputs is not None:
-        return _sample_array(sample_inputs, shape, settings.samples), "sample_inputs"
+        data = getattr(sample_inputs, "dataset", sample_inputs)
+        if isinstance(data, tf.data.Dataset):
+            images = [np.asarray(e[0] if isinstance(e, (tuple, list)) else e) for e in
+                      data.unbatch().batch(settings.samples).take(1)]
+            data = images[0] if images else np.zeros((0,) + shape)
+        x = np.asarray(data, dtype=np.float32)[:settings.samples]
+        if x.shape[1:] != shape or len(x) == 0:
+            raise ExportError(f"sample_inputs of shape {x.shape} do not fit the model's input "
+                              f"(N, {', '.join(str(d) for d in shape)}).")
+        return x, "sample_inputs"
     rng = np.random.default_rng(settings.seed)
     x = rng.standard_normal((settings.samples * settings.pool,) + shape).astype(np.float32)
     margins = sign_margins(model, x) if settings.pool > 1 else None
@@ -204,6 +186,14 @@ def _parity_inputs(model, sample_inputs, settings: ParitySettings):
 def _warn(report_warnings, message):
     report_warnings.append(message)
     warnings.warn(message, ExportWarning, stacklevel=3)
+
+
+def _refuse_unless(allowed: bool, flag: str, message: str, report_warnings):
+    """ExportError(message), or, when the user allowed it with `flag`, a warning."""
+    if not allowed:
+        raise ExportError(f"{message} Pass {flag}=True (CLI: --{flag.replace('_', '-')}) "
+                          "to export anyway.")
+    _warn(report_warnings, f"{message} Exported anyway ({flag}=True).")
 
 
 def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = False,
@@ -219,8 +209,8 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         path: the .tflite to write; its directory must exist. Written atomically,
             and only when every check passes or is allowed.
         sample_inputs: inputs for the Keras-vs-.tflite check: an array [N, H, W, C], a
-            tf.data.Dataset of images or (images, labels), or a DatasetSpec. Default:
-            random normal inputs (see `parity`).
+            tf.data.Dataset of batches of images or of (images, labels), or a DatasetSpec.
+            Default: random normal inputs (see `parity`).
         allow_float_convs: export even if binary convs stayed float, or there are none.
         allow_mismatch: export even if the outputs disagree (verdict "mismatch").
         parity: ParitySettings (number of inputs, tolerances, sign margin).
@@ -260,11 +250,8 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
     if not layers:
         message = (f"Model '{model.name}' has no Larq binary conv (a QuantConv2D with both an "
                    "input_quantizer and a kernel_quantizer), so LCE would produce a float model "
-                   "with no LceBconv2d. Build the binary network (activation='binary')")
-        if not allow_float_convs:
-            raise ExportError(message + ", or pass allow_float_convs=True (CLI: "
-                                        "--allow-float-convs) to export a float model anyway.")
-        _warn(report_warnings, message + "; exported anyway because float convs were allowed.")
+                   "with no LceBconv2d. Build the binary network (activation='binary').")
+        _refuse_unless(allow_float_convs, "allow_float_convs", message, report_warnings)
     hazards = ", ".join(f"{name} (input {h}x{w}, kernel {kh}x{kw})"
                         for name, (h, w), (kh, kw) in lce_zero_padding_hazards(model))
 
@@ -287,11 +274,8 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                    f"binary; these stayed float: {described}. LCE binarizes a QuantConv2D only "
                    "when its input quantizer is sign-like (Larq's sign(sign(x) + 0.1), e.g. "
                    "bireal_tf's ApproxSign) applied directly to the conv input, and its kernel "
-                   "quantizer gives +-1 times a per-channel scale")
-        if not allow_float_convs:
-            raise ExportError(message + ". Fix those layers, or pass allow_float_convs=True "
-                                        "(CLI: --allow-float-convs) to export anyway.")
-        _warn(report_warnings, message + "; exported anyway because float convs were allowed.")
+                   "quantizer gives +-1 times a per-channel scale. Fix those layers.")
+        _refuse_unless(allow_float_convs, "allow_float_convs", message, report_warnings)
     binary_check = BinaryConvCheck(len(layers), n_bconv, binary_ok, list(float_ops),
                                    {k: v for k, v in float_ops.items() if v != "?"})
 
@@ -329,10 +313,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
             message += ": LCE's optimized LceBconv2d kernel is at fault."
         else:
             message += "."
-        if not allow_mismatch:
-            raise ExportError(message + " Pass allow_mismatch=True (CLI: --allow-mismatch) "
-                                        "to export anyway.")
-        _warn(report_warnings, message + " Exported anyway because the mismatch was allowed.")
+        _refuse_unless(allow_mismatch, "allow_mismatch", message, report_warnings)
     if hazards and check.verdict != "mismatch":
         _warn(report_warnings, _ZERO_PADDING.format(hazards))
 

@@ -63,24 +63,11 @@ def load_keras_model(path):
     import bireal_tf  # noqa: F401  (registers the custom objects)
 
     path = Path(path)
-    suffix = path.suffix.lower()
     if not path.exists():
         raise ModelFileError(f"Model file '{path}' does not exist. {_SAVED_BY}")
-    if path.is_dir() and not any((path / f).exists() for f in ("saved_model.pb", "saved_model.pbtxt")):
-        raise ModelFileError(
-            f"'{path}' is a directory but not a SavedModel (no saved_model.pb in it). {_SAVED_BY}"
-        )
-    if suffix == ".tflite":
-        raise ModelFileError(
-            f"'{path}' is already a .tflite flatbuffer; this needs the Keras model it was "
-            f"converted from. {_SAVED_BY}"
-        )
-    if path.is_file() and suffix not in (".keras", ".h5", ".hdf5"):
-        raise ModelFileError(
-            f"'{path}' has the suffix '{path.suffix}', which is not a Keras model format. {_SAVED_BY}"
-        )
-    if path.is_file() and path.stat().st_size == 0:
-        raise ModelFileError(f"Model file '{path}' is empty (0 bytes). Save the model again. {_SAVED_BY}")
+    if path.suffix.lower() == ".tflite":
+        raise ModelFileError(f"'{path}' is already a .tflite flatbuffer; this needs the Keras "
+                             f"model it was converted from. {_SAVED_BY}")
     try:
         with quiet_larq():
             model = tf.keras.models.load_model(path, compile=False)
