@@ -315,9 +315,15 @@ def test_a_tflite_that_computes_another_function_is_refused_and_allowed_on_reque
 
 
 def test_inputs_at_the_sign_threshold_give_an_inconclusive_verdict(tmp_path):
-    """Inputs with exact zeros sit on the sign threshold (sign margin 0), where Keras and
-    LCE binarize differently; every such input differs and none is clear of the threshold,
-    so the export cannot tell sign flips from a fault: 'inconclusive', with a warning."""
+    """Inputs that put activations on the sign threshold, as real as sign flips get.
+
+    With half the input channels exactly 0, the shortcut passes the first conv's output
+    alone to the second conv there. Where its 288 terms +-scale cancel, Keras' float conv
+    leaves a rounding residue of either sign (measured: 752 of 16384 outputs within
+    1e-4 x max, e.g. -9.7e-8) while LCE's integer count gives exactly 0, so the second conv
+    binarizes differently. Every input differs and none is clear of the threshold (sign
+    margin 0): the export cannot tell sign flips from a fault, 'inconclusive' with a warning.
+    """
     model = tiny_binary_model()
     x = normalized_like(8, 8, channels=32)
     x[..., :16] = 0.0

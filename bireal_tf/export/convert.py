@@ -283,7 +283,9 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
     x, kind = _parity_inputs(model, sample_inputs, parity)
     check, keras = compare_outputs(model, flatbuffer, x, parity, bool(hazards), io_type == "float32")
     check.inputs = kind
-    summary = (f"{check.samples_within_tolerance} of {check.num_samples} {kind} inputs agree within "
+    words = {"sample_inputs": "sample", "random_normal": "random normal",
+             "random_normal_clearest": "random normal (clearest of a pool)"}[kind]
+    summary = (f"{check.samples_within_tolerance} of {check.num_samples} {words} inputs agree within "
                f"{check.tolerance:.3g} (max |difference| {check.max_abs_diff:.4g}, max |output| "
                f"{check.max_abs_keras_output:.3g}); {check.clear_samples} of them are clear of the "
                f"sign threshold (every pre-sign activation >= {check.sign_margin_threshold:g} x its "

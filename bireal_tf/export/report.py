@@ -108,7 +108,7 @@ class ExportReport:
             ("binary convs", f"{b.lce_bconv2d} LceBconv2d / {b.keras_binary_convs} Keras  "
                              + ("ok" if b.ok else "FLOAT CONVS: " + ", ".join(b.float_layers))),
             ("keras vs tflite", f"{p.verdict}: {p.samples_within_tolerance}/{p.num_samples} "
-                                f"{p.inputs} inputs within {p.tolerance:.2g} (max|diff| "
+                                f"{p.inputs.replace('_', ' ')} inputs within {p.tolerance:.2g} (max|diff| "
                                 f"{p.max_abs_diff:.3g}, max|out| {p.max_abs_keras_output:.3g}; clear "
                                 f"of sign flips {p.clear_samples_within_tolerance}/{p.clear_samples}), "
                                 f"top-1 agree {100 * p.top1_agreement:.1f}%"),
