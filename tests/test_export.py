@@ -374,12 +374,14 @@ def test_a_mixed_bfloat16_model_is_exported_as_its_float32_twin(tmp_path):
 
 
 def test_a_free_input_size_is_fixed_by_input_shape(tmp_path):
-    model = bireal_net(18, input_shape=(None, None, 3), num_classes=4, pad_values=1.0)
+    model = tiny_binary_model(size=None, name="free")
     with pytest.raises(ExportError, match=r"free dimensions.*--input-size"):
         export_tflite(model, tmp_path / "free.tflite", latency=None)
-    report = export_tflite(model, tmp_path / "fixed.tflite", latency=None, input_shape=(32, 32, 3),
-                           parity=ParitySettings(samples=4))
-    assert report.input_shape == [1, 32, 32, 3] and report.binary_convs.ok
+    with pytest.raises(ExportError, match=r"input_shape \(8, 8, 3\) does not fit"):
+        export_tflite(model, tmp_path / "fixed.tflite", latency=None, input_shape=(8, 8, 3))
+    report = export_tflite(model, tmp_path / "fixed.tflite", latency=None, input_shape=(8, 8, 32))
+    assert report.input_shape == [1, 8, 8, 32] and report.binary_convs.ok
+    assert report.parity.verdict == "exact"
     assert report.size.binary_params == counted_params(model)[0]
 
 
