@@ -88,11 +88,6 @@ class ExportReport:
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent) + "\n"
 
-    @property
-    def ok(self) -> bool:
-        """True when every binary conv is binary and the outputs agree, with no warning."""
-        return self.binary_convs.ok and self.parity.verdict == "exact" and not self.warnings
-
     def format_table(self) -> str:
         """A human-readable summary for the CLI."""
         b, p, s, lat = self.binary_convs, self.parity, self.size, self.host_latency_ms
