@@ -47,7 +47,7 @@ def _load(model_or_path, allow_non_lce, num_threads):
     import tensorflow as tf
 
     from bireal_tf.export.files import ModelFileError, load_keras_model, read_flatbuffer_file
-    from bireal_tf.export.flatbuffer import LCE_OPS, read_graph
+    from bireal_tf.export.flatbuffer import LCE_OPS, op_histogram
     from bireal_tf.export.runtime import TFLiteRunner
 
     if isinstance(model_or_path, tf.keras.Model):
@@ -64,7 +64,7 @@ def _load(model_or_path, allow_non_lce, num_threads):
             "model_or_path must be a Keras model, a .tflite's bytes, or the path of a .keras / "
             f".h5 / SavedModel / .tflite; got {type(model_or_path).__name__}."
         )
-    histogram = dict(read_graph(flatbuffer).histogram())
+    histogram = dict(op_histogram(flatbuffer))
     if not any(op in histogram for op in LCE_OPS) and not allow_non_lce:
         raise EvaluationError(
             f"'{source}' contains no LCE op (LceBconv2d, LceQuantize, ...): it is not an LCE binary "
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import bireal_tf  # noqa: F401  (Keras 2 first)
     from bireal_tf.data import DataError
-    from bireal_tf.export.files import ModelFileError, atomic_write_text, check_output_path
+    from bireal_tf.export.files import ModelFileError, check_output_path
+    from bireal_tf.utils import atomic_write_text
 
     last = [0.0]
 

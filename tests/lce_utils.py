@@ -1,25 +1,20 @@
-"""Op histogram of a TFLite flatbuffer, for tests that check what LCE made binary."""
+"""An oracle for tests: the op histogram of a .tflite, read with TensorFlow's own schema.
+
+Independent of `bireal_tf.export.flatbuffer` (which reads LCE's copy of the schema
+through its accessor API): this goes through TensorFlow's object API
+(`tensorflow.lite.tools.flatbuffer_utils`), so a report can be checked against it.
+"""
 from collections import Counter
 
-from larq_compute_engine.mlir.python import tflite_schema as schema
+from tensorflow.lite.python import schema_py_generated as tf_schema
+from tensorflow.lite.tools import flatbuffer_utils
 
-_BUILTIN_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_NAMES = {v: k for k, v in vars(tf_schema.BuiltinOperator).items() if k.isupper()}
 
 
 def op_histogram(flatbuffer: bytes) -> Counter:
-    model = schema.Model.GetRootAsModel(flatbuffer, 0)
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        custom = code.CustomCode()
-        if custom:
-            codes.append(custom.decode())
-        else:
-            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-            codes.append(_BUILTIN_NAMES.get(builtin, str(builtin)))
-    counts = Counter()
-    for s in range(model.SubgraphsLength()):
-        graph = model.Subgraphs(s)
-        for o in range(graph.OperatorsLength()):
-            counts[codes[graph.Operators(o).OpcodeIndex()]] += 1
-    return counts
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    names = [code.customCode.decode() if code.customCode
+             else _NAMES[max(code.builtinCode, code.deprecatedBuiltinCode)]
+             for code in model.operatorCodes]
+    return Counter(names[op.opcodeIndex] for graph in model.subgraphs for op in graph.operators)

@@ -32,7 +32,7 @@ def r18(tmp_path_factory):
     model = BiRealNet18(input_shape=(32, 32, 3), num_classes=10, pad_values=1.0)
     sample = load_dataset(DATASET, "test", batch_size=16, limit=16)
     path = tmp_path_factory.mktemp("r18") / "r18.tflite"
-    export_tflite(model, path, sample_inputs=sample, benchmark=False)
+    export_tflite(model, path, sample_inputs=sample, latency=None)
     return model, path
 
 

@@ -189,7 +189,7 @@ def test_bfloat16_run_trains_saves_and_exports_and_leaves_the_policy_as_it_was(t
     model = tf.keras.models.load_model(summary["model"])
     assert model.get_layer("layer1_0_binary_conv").compute_dtype == "bfloat16"
     assert model.output.dtype == tf.float32  # the classifier stays float32
-    report = export_tflite(summary["model"], tmp_path / "bf16.tflite", benchmark=False)
+    report = export_tflite(summary["model"], tmp_path / "bf16.tflite", latency=None)
     assert report.keras_precision == "mixed_bfloat16"
     assert report.binary_convs.ok and report.op_histogram["LceBconv2d"] == 16
     assert report.parity.ok

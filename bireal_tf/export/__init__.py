@@ -10,49 +10,24 @@ binary conv check, Keras-vs-.tflite parity, the size beside its floor and the
 host latency (not device latency).
 """
 
+from bireal_tf.export.checks import ParitySettings, lce_zero_padding_hazards, sign_margins
 from bireal_tf.export.convert import (
     ExportWarning,
+    LatencySettings,
     export_tflite,
     float32_twin,
-    lce_zero_padding_hazards,
     mixed_precision_policies,
-    sign_margins,
+    size_floor,
 )
-from bireal_tf.export.files import (
-    ExportError,
-    ModelFileError,
-    atomic_write_bytes,
-    atomic_write_text,
-    load_keras_model,
-    read_flatbuffer_file,
-)
-from bireal_tf.export.flatbuffer import LCE_OPS, FlatbufferError, TFLiteGraph, op_histogram
-from bireal_tf.export.footprint import Footprint, footprint
+from bireal_tf.export.files import ExportError, ModelFileError, load_keras_model, read_flatbuffer_file
+from bireal_tf.export.flatbuffer import LCE_OPS, op_histogram
 from bireal_tf.export.report import SCHEMA_VERSION, ExportReport
 from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
 
 __all__ = [
-    "HOST_LATENCY_NOTE",
-    "LCE_OPS",
-    "SCHEMA_VERSION",
-    "ExportError",
-    "ExportReport",
-    "ExportWarning",
-    "FlatbufferError",
-    "Footprint",
-    "ModelFileError",
-    "TFLiteGraph",
-    "TFLiteRunner",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "export_tflite",
-    "float32_twin",
-    "footprint",
-    "lce_zero_padding_hazards",
-    "load_keras_model",
-    "measure_latency",
-    "mixed_precision_policies",
-    "op_histogram",
-    "read_flatbuffer_file",
-    "sign_margins",
+    "HOST_LATENCY_NOTE", "LCE_OPS", "SCHEMA_VERSION", "ExportError", "ExportReport",
+    "ExportWarning", "LatencySettings", "ModelFileError", "ParitySettings", "TFLiteRunner",
+    "export_tflite", "float32_twin", "lce_zero_padding_hazards", "load_keras_model",
+    "measure_latency", "mixed_precision_policies", "op_histogram", "read_flatbuffer_file",
+    "sign_margins", "size_floor",
 ]

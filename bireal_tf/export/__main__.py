@@ -15,8 +15,7 @@ import warnings
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bireal_tf.export",
-        description="Convert a Bi-Real Net to an LCE .tflite, verify it and report on it.",
-    )
+        description="Convert a Bi-Real Net to an LCE .tflite, verify it and report on it.")
     p.add_argument("model", help="saved Keras model: .keras / .h5 file or SavedModel directory")
     p.add_argument("-o", "--output", required=True, help="the .tflite to write (its directory must exist)")
     p.add_argument("--report", help="also write the report as JSON to this file")
@@ -30,11 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="thread counts to time (default: 1 2)")
     p.add_argument("--latency-runs", type=int, default=10, metavar="N",
                    help="timed runs per thread count (default 10, after 2 warm-up runs)")
-    p.add_argument("--inference-input-type", choices=("float32", "int8"), default="float32")
-    p.add_argument("--inference-output-type", choices=("float32", "int8"), default="float32")
-    p.add_argument("--target", choices=("arm", "xcore"), default="arm")
-    p.add_argument("--default-int8-range", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="LCE's experimental_default_int8_range (dummy quantization; latency tests only)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                    help="fix the input size of a model saved with free height/width")
     p.add_argument("--parity-samples", type=int, default=16, metavar="N",
@@ -48,29 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from bireal_tf.export import ExportError, ExportWarning, ModelFileError, export_tflite
+    if min(args.threads) < 1 or args.latency_runs < 1 or args.parity_samples < 1 or args.parity_pool < 1:
+        build_parser().error("--threads, --latency-runs, --parity-samples and --parity-pool "
+                             "take positive integers")
+    from bireal_tf.export import (ExportError, ExportWarning, LatencySettings, ModelFileError,
+                                  ParitySettings, export_tflite)
 
     warnings.simplefilter("ignore", ExportWarning)  # the table lists them
-    input_shape = None
-    int8_range = tuple(args.default_int8_range) if args.default_int8_range else None
-    if args.input_size:
-        input_shape = (args.input_size[0], args.input_size[1], 3)
     try:
         report = export_tflite(
-            args.model,
-            args.output,
-            inference_input_type=args.inference_input_type,
-            inference_output_type=args.inference_output_type,
-            target=args.target,
-            experimental_default_int8_range=int8_range,
+            args.model, args.output,
             allow_float_convs=args.allow_float_convs,
             allow_mismatch=args.allow_mismatch,
-            benchmark=args.benchmark,
-            threads=tuple(args.threads),
-            latency_runs=args.latency_runs,
-            parity_samples=args.parity_samples,
-            parity_pool=args.parity_pool,
-            input_shape=input_shape,
+            parity=ParitySettings(samples=args.parity_samples, pool=args.parity_pool),
+            latency=LatencySettings(tuple(args.threads), args.latency_runs) if args.benchmark else None,
+            input_shape=(*args.input_size, 3) if args.input_size else None,
             report_path=args.report,
         )
     except ModelFileError as err:

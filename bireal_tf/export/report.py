@@ -9,32 +9,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "BinaryConvCheck",
-    "ConverterOptions",
-    "ExportReport",
-    "HostLatency",
-    "ParityCheck",
-    "SizeCheck",
-]
+__all__ = ["SCHEMA_VERSION", "BinaryConvCheck", "ExportReport", "HostLatency", "ParityCheck",
+           "SizeCheck"]
 
-SCHEMA_VERSION = 2
-_INPUT_WORDS = {
-    "random_normal": "random normal inputs",
-    "random_normal_clearest": "random normal inputs (clearest of a pool)",
-    "sample_inputs": "sample inputs",
-}
-
-
-@dataclass
-class ConverterOptions:
-    inference_input_type: str
-    inference_output_type: str
-    target: str
-    experimental_default_int8_range: list[float] | None
-    lce_version: str
-    tensorflow_version: str
+SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -61,7 +39,6 @@ class ParityCheck:
     top1_agreement: float
     verdict: str  # "exact" | "sign_flips" | "inconclusive" | "mismatch" | "not_enforced"
     ok: bool
-    enforced: bool
 
 
 @dataclass
@@ -95,7 +72,7 @@ class ExportReport:
     input_type: str
     output_shape: list[int]
     output_type: str
-    converter: ConverterOptions
+    converter: dict  # {"io_type", "lce_version", "tensorflow_version"}
     conversion_seconds: float
     op_histogram: dict[str, int]
     binary_convs: BinaryConvCheck
@@ -109,56 +86,39 @@ class ExportReport:
         return dataclasses.asdict(self)
 
     def to_json(self, indent: int = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=False) + "\n"
-
-    @property
-    def ok(self) -> bool:
-        """True when every binary conv is binary and the outputs agree, with no warning."""
-        return self.binary_convs.ok and self.parity.verdict in ("exact", "not_enforced") and not self.warnings
+        return json.dumps(self.to_dict(), indent=indent) + "\n"
 
     def format_table(self) -> str:
         """A human-readable summary for the CLI."""
-        rows = []
-
-        def add(key, value):
-            rows.append((key, value))
-
-        add("tflite", self.tflite_path)
-        add("source", self.source)
+        b, p, s, lat = self.binary_convs, self.parity, self.size, self.host_latency_ms
+        rows = [("tflite", self.tflite_path), ("source", self.source)]
         if self.keras_precision != "float32":
-            add("precision", f"{self.keras_precision} in Keras; converted and compared as its "
-                             "float32 twin (same weights)")
-        add("input", f"{self.input_shape} {self.input_type}")
-        add("output", f"{self.output_shape} {self.output_type}")
-        add("conversion", f"{self.conversion_seconds:.1f} s  (LCE {self.converter.lce_version}, "
-                          f"target {self.converter.target})")
-        ops = ", ".join(f"{name} {count}" for name, count in
-                        sorted(self.op_histogram.items(), key=lambda kv: (-kv[1], kv[0])))
-        add("ops", ops)
-        b = self.binary_convs
-        verdict = "ok" if b.ok else "FLOAT CONVS: " + ", ".join(b.float_layers)
-        add("binary convs", f"{b.lce_bconv2d} LceBconv2d / {b.keras_binary_convs} Keras  {verdict}")
-        p = self.parity
-        add("keras vs tflite", f"{p.verdict}: {p.samples_within_tolerance}/{p.num_samples} "
-                               f"{_INPUT_WORDS.get(p.inputs, p.inputs)} within {p.tolerance:.2g} "
-                               f"(max|diff| {p.max_abs_diff:.3g}, max|out| {p.max_abs_keras_output:.3g}; "
-                               f"clear of sign flips {p.clear_samples_within_tolerance}/"
-                               f"{p.clear_samples}), top-1 agree {100 * p.top1_agreement:.1f}%")
-        s = self.size
-        add("size", f"{s.file_bytes / 1e6:.3f} MB, floor {s.floor_bytes / 1e6:.3f} MB "
-                    f"(x{s.ratio:.2f}); {s.binary_params:,} binary + "
-                    f"{s.float_params + s.batchnorm_params:,} float params")
-        lat = self.host_latency_ms
+            rows.append(("precision", f"{self.keras_precision} in Keras; converted and compared "
+                                      "as its float32 twin (same weights)"))
+        rows += [
+            ("input", f"{self.input_shape} {self.input_type}"),
+            ("output", f"{self.output_shape} {self.output_type}"),
+            ("conversion", f"{self.conversion_seconds:.1f} s  (LCE {self.converter['lce_version']})"),
+            ("ops", ", ".join(f"{name} {count}" for name, count in self.op_histogram.items())),
+            ("binary convs", f"{b.lce_bconv2d} LceBconv2d / {b.keras_binary_convs} Keras  "
+                             + ("ok" if b.ok else "FLOAT CONVS: " + ", ".join(b.float_layers))),
+            ("keras vs tflite", f"{p.verdict}: {p.samples_within_tolerance}/{p.num_samples} "
+                                f"{p.inputs.replace('_', ' ')} inputs within {p.tolerance:.2g} (max|diff| "
+                                f"{p.max_abs_diff:.3g}, max|out| {p.max_abs_keras_output:.3g}; clear "
+                                f"of sign flips {p.clear_samples_within_tolerance}/{p.clear_samples}), "
+                                f"top-1 agree {100 * p.top1_agreement:.1f}%"),
+            ("size", f"{s.file_bytes / 1e6:.3f} MB, floor {s.floor_bytes / 1e6:.3f} MB "
+                     f"(x{s.ratio:.4f}); {s.binary_params:,} binary + "
+                     f"{s.float_params + s.batchnorm_params:,} float params"),
+        ]
         if lat is None:
-            add("host latency", "not measured (--no-benchmark)")
+            rows.append(("host latency", "not measured (--no-benchmark)"))
         else:
             times = ", ".join(f"{r['threads']} thr {r['median']:.2f} ms" for r in lat.results)
-            add(f"host latency ({lat.machine})", f"{times}  (median of {lat.timed_runs}, batch 1; "
-                                                 "host, NOT device latency)")
+            rows.append((f"host latency ({lat.machine})", f"{times}  (median of {lat.timed_runs}, "
+                                                          "batch 1; host, NOT device latency)"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" for k, v in rows]
         if lat is not None:
             lines.append(f"{'':<{width}}  note: {lat.note}")
-        for w in self.warnings:
-            lines.append(f"WARNING: {w}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"WARNING: {w}" for w in self.warnings])

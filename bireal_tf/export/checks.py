@@ -1,0 +1,160 @@
+"""The checks of an export: binary convs that stayed float, LCE's zero-padding hazard, parity.
+
+Parity in a binary network: an activation within float rounding of zero can
+binarize to +1 in Keras and -1 in LCE (which folds BatchNorm into the conv), and
+the flip spreads to the outputs. So each input is judged on its own, and an input
+that differs is evidence of a fault only if it is *clear* of the sign threshold:
+every pre-sign activation at least `sign_margin` x its layer's max away from zero
+(`sign_margins`). A conversion fault moves every input, clear ones included.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bireal_tf.export.flatbuffer import TFLiteGraph, unpack_bconv_filter
+from bireal_tf.export.report import ParityCheck
+from bireal_tf.export.runtime import TFLiteRunner
+from bireal_tf.models import binary_conv_layers
+
+__all__ = ["ParitySettings", "compare_outputs", "float_binary_convs", "lce_zero_padding_hazards",
+           "sign_margins"]
+
+
+@dataclass(frozen=True)
+class ParitySettings:
+    """How the .tflite is compared with Keras (docs/export_report_schema.md, `parity`).
+
+    An input agrees when max |keras - tflite| <= atol + rtol * max |keras outputs|.
+    Without sample inputs, `samples` random normal inputs (seeded); with `pool` > 1,
+    the `samples` of `pool` x as many whose pre-sign activations are furthest from zero.
+    """
+
+    samples: int = 16
+    pool: int = 1
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    sign_margin: float = 2e-6
+    seed: int = 0
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over output channels of the sign agreement, up to a flip per channel
+    (BatchNorm folded into a float conv flips channels whose scale is negative)."""
+    same = (a == b).reshape(a.shape[0], -1).mean(axis=1)
+    return float(np.maximum(same, 1.0 - same).mean())
+
+
+def float_binary_convs(graph: TFLiteGraph, layers) -> dict:
+    """{layer name: op it became or "?"} for the binary conv layers that are no LceBconv2d.
+
+    A layer is found by its weights: the signs of its kernel (those of its binarized
+    kernel), [O, H, W, I], against each LceBconv2d filter (bitpacked) and each float
+    CONV_2D filter.
+    """
+    signs = {layer.name: np.transpose(np.asarray(layer.kernel) < 0, (3, 0, 1, 2)) for layer in layers}
+    left = {name: "?" for name in signs}
+    for op in graph.ops:
+        data = graph.tensor_data(op.inputs[1]) if len(op.inputs) > 1 else None
+        if op.name not in ("LceBconv2d", "CONV_2D") or data is None or data.ndim != 4:
+            continue
+        for name, s in signs.items():
+            if name not in left or s.shape[:3] != data.shape[:3]:
+                continue
+            if op.name == "LceBconv2d" and math.ceil(s.shape[3] / 32) == data.shape[3]:
+                if _agreement(s, unpack_bconv_filter(data, s.shape[3])) >= 0.99:
+                    del left[name]
+                    break
+            elif op.name == "CONV_2D" and s.shape == data.shape and _agreement(s, data < 0) >= 0.99:
+                left[name] = op.name
+                break
+    return left
+
+
+def lce_zero_padding_hazards(model) -> list:
+    """Binary convs that hit LCE 0.16's zero-padding bug: [(layer name, input HxW, kernel HxW)].
+
+    LCE's optimized LceBconv2d computes "same" zero padding (pad_values=0.0) wrongly
+    when the input is smaller than the (dilated) kernel: its correction
+    (core/bconv2d/zero_padding_correction.h) assumes filter <= image.
+    """
+    found = []
+    for layer in binary_conv_layers(model):
+        if layer.padding != "same" or float(layer.pad_values) != 0.0:
+            continue
+        kernel = tuple((k - 1) * d + 1 for k, d in zip(layer.kernel_size, layer.dilation_rate))
+        try:
+            h, w = tuple(layer.input.shape)[1:3]
+        except AttributeError:  # a layer used more than once has no single input
+            continue
+        if kernel != (1, 1) and ((h or kernel[0]) < kernel[0] or (w or kernel[1]) < kernel[1]):
+            found.append((layer.name, (h, w), kernel))
+    return found
+
+
+def sign_margins(model, x, batch=4) -> np.ndarray | None:
+    """Per input: min over binary convs of min |v| / max |v|, v the input the conv binarizes.
+
+    None if the layers' inputs cannot be probed (a layer used twice). Below float
+    rounding (~1e-7), Keras and LCE may binarize that activation differently.
+    """
+    import tensorflow as tf
+
+    layers = binary_conv_layers(model)
+    if not layers:
+        return np.full(len(x), np.inf)
+    try:
+        probe = tf.keras.Model(model.inputs, [layer.input for layer in layers])
+    except (AttributeError, ValueError):
+        return None
+    margins = []
+    for i in range(0, len(x), batch):
+        outs = probe(x[i: i + batch], training=False)
+        per_layer = [np.abs(np.asarray(v)).reshape(len(v), -1) for v in tf.nest.flatten(outs)]
+        margins.append(np.min([a.min(1) / np.maximum(a.max(1), 1e-30) for a in per_layer], axis=0))
+    return np.concatenate(margins)
+
+
+def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySettings,
+                    hazard: bool, enforced: bool = True) -> tuple[ParityCheck, np.ndarray]:
+    """Keras vs .tflite on inputs x: (the ParityCheck without `inputs`, the Keras outputs).
+
+    Verdicts: `exact` every input agrees; `mismatch` a clear input differs, or any input
+    while a known LCE hazard is present; `sign_flips` the clear inputs agree, or half the
+    inputs do; `inconclusive` otherwise (most differ, none clear); `not_enforced` when
+    outputs are quantized (int8 I/O), where a tolerance of its own belongs (issue 12).
+    """
+    keras = np.concatenate([np.asarray(model(x[i: i + 32], training=False))
+                            for i in range(0, len(x), 32)]).astype(np.float32)
+    lite = TFLiteRunner(flatbuffer).predict(x)
+    if keras.shape != lite.shape:
+        raise ValueError(f"the .tflite output has the shape {lite.shape[1:]}, the Keras "
+                         f"model's {keras.shape[1:]}")
+    scale = float(np.abs(keras).max())
+    tolerance = float(settings.atol + settings.rtol * scale)
+    diff = np.abs(keras - lite).reshape(len(x), -1).max(axis=1)
+    within = diff <= tolerance
+    margins = sign_margins(model, x)
+    clear = np.zeros(len(x), bool) if margins is None else margins >= settings.sign_margin
+    if not enforced:
+        verdict = "not_enforced"
+    elif within.all():
+        verdict = "exact"
+    elif hazard or (clear & ~within).any():
+        verdict = "mismatch"
+    elif clear.any() or 2 * within.sum() >= len(x):
+        verdict = "sign_flips"
+    else:
+        verdict = "inconclusive"
+    top1 = np.argmax(keras.reshape(len(x), -1), 1) == np.argmax(lite.reshape(len(x), -1), 1)
+    check = ParityCheck(
+        inputs="", num_samples=len(x), max_abs_diff=float(diff.max()), max_abs_keras_output=scale,
+        tolerance=tolerance, samples_within_tolerance=int(within.sum()),
+        sign_margin_threshold=float(settings.sign_margin), clear_samples=int(clear.sum()),
+        clear_samples_within_tolerance=int((clear & within).sum()),
+        min_sign_margin=None if margins is None else float(margins.min()),
+        top1_agreement=float(top1.mean()), verdict=verdict,
+        ok=verdict in ("exact", "sign_flips", "inconclusive"),
+    )
+    return check, keras
