@@ -142,10 +142,11 @@ def _git_commit():
     return f"{commit} (uncommitted changes)" if commit and dirty else commit or None
 
 
-def machine_info() -> dict:
+def machine_info(flags=None) -> dict:
+    """This machine; `flags` (default: this CPU's) stand in for /proc/cpuinfo's flags."""
     from bireal_tf.utils import bf16_cpu_flags, cpu_flags, library_versions
 
-    flags = cpu_flags()
+    flags = cpu_flags() if flags is None else set(flags)
     return {
         "architecture": platform.machine(),
         "logical_cpus": os.cpu_count(),

@@ -81,6 +81,14 @@ def test_machine_flags_match_an_independent_read_of_cpuinfo():
     assert machine["bf16_cpu_flags"] == sorted(flags & BF16_FLAGS)
 
 
+def test_machine_flags_from_a_known_flags_string():
+    # A CPU with AVX2 and AMX-BF16 but no AVX-512: only those two of interest, one of them bf16.
+    machine = machine_info(flags="fpu sse4_2 avx2 amx_bf16 amx_tile lm".split())
+    assert machine["cpu_flags"] == ["avx2", "amx_tile", "amx_bf16"]
+    assert machine["bf16_cpu_flags"] == ["amx_bf16"]
+    assert machine_info(flags=["sse2"])["bf16_cpu_flags"] == []
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_memory_reads_the_peak_the_kernel_reports():
     from benchmarks.memory import _proc_mib
