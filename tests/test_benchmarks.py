@@ -1,6 +1,7 @@
-"""The benchmark harness: its timing helpers, and a tiny end-to-end run (`--tiny`)."""
+"""The benchmark harness: its timing helpers, its outputs, and a tiny end-to-end run (`--tiny`)."""
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -8,17 +9,23 @@ from pathlib import Path
 import pytest
 
 from benchmarks import SECTIONS
-from benchmarks.__main__ import _previous, build_parser
-from benchmarks.common import atomic_write_text, round_robin, summarize
-from benchmarks.report import findings
+from benchmarks.__main__ import _previous, build_parser, render, write_outputs
+from benchmarks.common import CPU_FLAGS_OF_INTEREST, machine_info, round_robin, summarize
 
 REPO = Path(__file__).resolve().parent.parent
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def _proc_cpu_flags() -> set:
+    """This CPU's flags, read here without the project's reader."""
+    text = Path("/proc/cpuinfo").read_text()
+    return set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
 
 
 def test_round_robin_alternates_and_drops_warmup():
     order = []
     cases = {name: (lambda name=name: order.append(name) or float(len(order))) for name in "AB"}
-    out = round_robin(cases, repeats=3, warmup=1)
+    out = round_robin(cases, repeats=3, warmup=1, log_each=False)
     assert order == list("ABABABAB")  # ABAB, not AAAABBBB
     assert out == {"A": [3.0, 5.0, 7.0], "B": [4.0, 6.0, 8.0]}  # warm-up round left out
 
@@ -28,29 +35,70 @@ def test_summarize_takes_the_median():
     assert s["median"] == 3.0 and s["min"] == 1.0 and s["max"] == 100.0 and s["n"] == 5
 
 
-def test_atomic_write_replaces_without_leftovers(tmp_path):
-    path = tmp_path / "out.md"
-    atomic_write_text(path, "one")
-    atomic_write_text(path, "two")
-    assert path.read_text() == "two"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.md"]
+def test_recorded_results_render_to_the_committed_benchmarks_md():
+    results = json.loads((REPO / "benchmarks" / "results.json").read_text())
+    assert set(results["sections"]) == set(SECTIONS)
+    assert render(results) == (REPO / "BENCHMARKS.md").read_text(), (
+        "BENCHMARKS.md is not what results.json renders to: run `python -m benchmarks --render`")
 
 
-def test_only_keeps_sections_of_the_same_settings(tmp_path):
+def test_outputs_are_replaced_without_leftovers(tmp_path):
+    results = json.loads((REPO / "benchmarks" / "results.json").read_text())
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "results.json"
+    write_outputs(results, md, js)
+    results["command"] = "python -m benchmarks --second-write"
+    write_outputs(results, md, js)
+    assert json.loads(js.read_text())["command"] == results["command"]
+    assert "`python -m benchmarks --second-write`" in md.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md", "results.json"]
+
+
+def test_only_keeps_sections_of_the_same_schema_and_settings(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({"schema_version": 1, "settings": "full",
+    path.write_text(json.dumps({"schema_version": 2, "settings": "full",
                                 "sections": {"export": {"models": []}}}))
     assert _previous(path, "full") == {"export": {"models": []}}
     assert _previous(path, "tiny") == {}
     assert _previous(tmp_path / "missing.json", "full") == {}
+    path.write_text(json.dumps({"schema_version": 1, "settings": "full", "sections": {"export": {}}}))
+    assert _previous(path, "full") == {}
 
 
 def test_parser_flags():
     args = build_parser().parse_args(["--tiny", "--only", "export", "--only", "memory",
                                       "--output-dir", "x"])
     assert args.tiny and args.only == ["export", "memory"] and str(args.output_dir) == "x"
+    assert build_parser().parse_args(["--render"]).render
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--only", "nonsense"])
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux /proc/cpuinfo")
+def test_machine_flags_match_an_independent_read_of_cpuinfo():
+    flags = _proc_cpu_flags()
+    machine = machine_info()
+    assert machine["cpu_flags"] == [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+    assert machine["bf16_cpu_flags"] == sorted(flags & BF16_FLAGS)
+
+
+def test_machine_flags_from_a_known_flags_string():
+    # A CPU with AVX2 and AMX-BF16 but no AVX-512: only those two of interest, one of them bf16.
+    machine = machine_info(flags="fpu sse4_2 avx2 amx_bf16 amx_tile lm".split())
+    assert machine["cpu_flags"] == ["avx2", "amx_tile", "amx_bf16"]
+    assert machine["bf16_cpu_flags"] == ["amx_bf16"]
+    assert machine_info(flags=["sse2"])["bf16_cpu_flags"] == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_memory_reads_the_peak_the_kernel_reports():
+    from benchmarks.memory import _proc_mib
+
+    # getrusage's ru_maxrss (KiB) is this process' VmHWM (pytest is larger than its parent).
+    rss = _proc_mib("/proc/self/status", "VmRSS")
+    peak = _proc_mib("/proc/self/status", "VmHWM")
+    assert peak == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rel=0.02)
+    assert 0 < rss <= peak
+    assert _proc_mib("/proc/self/status", "NoSuchField") == 0.0
 
 
 def _positive(value):
@@ -59,7 +107,7 @@ def _positive(value):
 
 @pytest.mark.slow
 def test_tiny_run_writes_well_formed_outputs(tmp_path):
-    """`python -m benchmarks --tiny`: every section at toy sizes, outputs complete."""
+    """`python -m benchmarks --tiny`: every section at toy sizes, outputs complete and consistent."""
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--output-dir", str(tmp_path)],
@@ -68,76 +116,70 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md", "results.json"]
     results = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "BENCHMARKS.md").read_text()
     assert results["settings"] == "tiny"
     assert set(results["sections"]) == set(SECTIONS)
     machine = results["machine"]
-    assert machine["cpu_model"] and machine["usable_cpus"] >= 1
-    assert "avx512_bf16" in machine["cpu_flags"] and machine["versions"]["tensorflow"]
+    assert machine["usable_cpus"] >= 1 and machine["versions"]["tensorflow"]
+    if Path("/proc/cpuinfo").exists():
+        flags = _proc_cpu_flags()
+        expected = [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+        assert machine["cpu_flags"] == expected
+        assert machine["bf16_cpu_flags"] == sorted(flags & BF16_FLAGS)
+        assert f"- **CPU flags:** {', '.join(expected) or 'none of interest'}\n" in md
+        assert f"- **bfloat16 instructions:** {', '.join(sorted(flags & BF16_FLAGS)) or 'none'}\n" in md
 
     training = results["sections"]["training"]
     (headline,) = training["headline"]
-    assert _positive(headline["ours"]) and _positive(headline["larq_zoo"]) and _positive(headline["ratio"])
-    for group in training["groups"]:
-        assert {"ours", "zoo"} <= set(group["cases"])
-        for case in group["cases"].values():
-            assert case["images_per_second"]["n"] >= 2
-            assert all(_positive(v) for v in case["images_per_second"]["samples"])
-    assert training["levers"] and all(_positive(lv["ratio"]) for lv in training["levers"])
+    assert _positive(headline["ours"]) and _positive(headline["larq_zoo"])
+    assert headline["ratio"] == pytest.approx(headline["ours"] / headline["larq_zoo"], rel=1e-3)
+    (group,) = training["groups"]
+    assert set(group["cases"]) == {"ours", "zoo", "ours_bf16", "zoo_bf16", "ours_spe"}
+    for case in group["cases"].values():
+        assert case["images_per_second"]["n"] >= 2
+        assert all(_positive(v) for v in case["images_per_second"]["samples"])
+    assert group["cases"]["ours_spe"]["steps_per_repeat"] % 2 == 0  # whole executions of 2 steps
+    assert group["cases"]["ours_bf16"]["config"]["precision"] == "mixed_bfloat16"
+    assert [lv["lever"] for lv in training["levers"]] == [
+        "mixed_bfloat16 (ours)", "mixed_bfloat16 (larq-zoo)", "steps_per_execution"]
+    assert all(_positive(lv["ratio"]) for lv in training["levers"])
 
     pipeline = results["sections"]["pipeline"]
     assert set(pipeline["pipeline_images_per_second"]) == {"adam", "paper"}
     assert all(_positive(s["median"]) for s in pipeline["pipeline_images_per_second"].values())
-    assert all(_positive(h["headroom"]) for h in pipeline["headroom"])
+    # The consumption is the training section's figure at the pipeline's size (64 in both).
+    ours = group["cases"]["ours"]["images_per_second"]["median"]
+    assert {(h["augmentation"], h["training_case"]) for h in pipeline["headroom"]} == {
+        ("adam", "ours"), ("paper", "ours"), ("adam", "ours_bf16"), ("paper", "ours_bf16")}
+    for h in pipeline["headroom"]:
+        assert h["headroom"] == pytest.approx(h["pipeline"] / h["consumption"], rel=1e-2)
+        if h["training_case"] == "ours":
+            assert h["consumption"] == ours
     assert all(_positive(s["median"]) for s in pipeline["feeding"]["images_per_second"].values())
+    assert pipeline["feeding"]["relative_to_in_memory"]["in_memory"] == 1.0
 
     (model,) = results["sections"]["export"]["models"]
     assert model["depth"] == 18 and model["all_binary"]
-    assert _positive(model["tflite_bytes"]) and _positive(model["floor_bytes"])
+    assert model["lce_bconv2d"] == model["keras_binary_convs"] == 16  # Bi-Real-18's binary convs
+    assert model["size_ratio"] == pytest.approx(model["tflite_bytes"] / model["floor_bytes"], rel=1e-3)
     assert _positive(model["conversion_seconds"]) and _positive(model["float_tflite_bytes"])
-    assert all(_positive(s["median"]) for s in model["latency_ms"].values())
+    assert model["float_tflite_bytes"] > 4 * model["tflite_bytes"]  # float32 weights vs 1 bit
     assert set(model["latency_ms"]) == {"lce_1t", "lce_2t", "float_1t", "float_2t"}
+    assert all(_positive(s["median"]) for s in model["latency_ms"].values())
 
     runs = results["sections"]["memory"]["runs"]
-    assert len(runs) == 2 and all("error" not in r for r in runs)
-    assert all(_positive(r["peak_rss_mib"]) and _positive(r["baseline_rss_mib"]) for r in runs)
+    assert [(r["depth"], r["batch"]) for r in runs] == [(18, 4), (18, 8)]
+    for r in runs:
+        assert "skipped" not in r
+        assert 0 < r["baseline_rss_mib"] < r["peak_rss_mib"]
+        assert r["step_peak_mib"] == pytest.approx(r["peak_rss_mib"] - r["baseline_rss_mib"], abs=0.2)
 
-    assert results["findings"] == findings(results["sections"])
-    md = (tmp_path / "BENCHMARKS.md").read_text()
-    for needle in ("# Benchmarks", "python -m benchmarks --tiny", "avx512_bf16",
+    for needle in ("# Benchmarks", "python -m benchmarks --tiny", "## Summary",
                    "## 1. Training throughput",
                    "| input | precision ours / zoo | ours (Bi-Real-18) | larq-zoo BiRealNet |",
                    "### Levers", "## 2. Input pipeline", "| augmentation | images/s",
                    "## 3. Export", "Host latency (x86-64)", "| network | LCE 1 thread",
-                   "## 4. Training-step memory", "## Summary"):
+                   "## 4. Training-step memory", "## Measured and rejected", "| XLA ("):
         assert needle in md, needle
-
-
-def test_memory_prediction_is_linear_in_the_batch():
-    from benchmarks.memory import predict_peak
-
-    rows = [{"depth": 50, "batch": 32, "peak_rss_mib": 5000.0, "baseline_rss_mib": 800.0},
-            {"depth": 50, "batch": 64, "peak_rss_mib": 9000.0, "baseline_rss_mib": 800.0},
-            {"depth": 18, "batch": 32, "peak_rss_mib": 2000.0, "baseline_rss_mib": 600.0},
-            {"depth": 18, "batch": 64, "skipped": "too big"}]
-    assert predict_peak(50, 128, rows) == 17000.0  # through the two measured points
-    # One point: the baseline stays, the step memory grows with the batch (an overestimate).
-    assert predict_peak(18, 128, rows) == 600.0 + 1400.0 * 4
-    assert predict_peak(34, 128, rows) is None
-
-
-def test_memory_job_time_estimate_separates_tracing_from_the_batch():
-    from benchmarks.memory import _estimated_seconds
-
-    # R18: 24 s at batch 32, 34 s at batch 128 (5 s setup each, 5 s of imports): the first
-    # step is 19 s + 10 s per 96 images, so mostly tracing.
-    rows = [{"depth": 18, "batch": 32, "setup_seconds": 5.0, "seconds": 24.0, "wall_seconds": 29.0},
-            {"depth": 18, "batch": 128, "setup_seconds": 5.0, "seconds": 34.0, "wall_seconds": 39.0}]
-    fixed = 19.0 - 10.0 / 96 * 32
-    assert _estimated_seconds(18, 256, rows) == pytest.approx(5 + 5 + fixed + 10.0 / 96 * 256)
-    # R50 batch 32 measured once: its step splits in R18's proportions.
-    rows.append({"depth": 50, "batch": 32, "setup_seconds": 6.0, "seconds": 44.0, "wall_seconds": 50.0})
-    grows = (10.0 / 96 * 32) / 19.0
-    expected = 6 + 6 + 38.0 * ((1 - grows) + grows * 4)
-    assert _estimated_seconds(50, 128, rows) == pytest.approx(expected)
-    assert expected < 6 + 6 + 38.0 * 4  # less than scaling the whole step
-    assert _estimated_seconds(34, 32, []) == 60.0
+    assert (f"ours {headline['ours']:.1f} vs larq-zoo {headline['larq_zoo']:.1f} images/s"
+            in md.split("## 1.")[0])  # the headline is in the summary
