@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +55,11 @@ class Settings:
     memory_jobs: Tuple[Tuple[int, int], ...]
     memory_size: int
     memory_parallel: int  # processes at once (1 for figures that mean something)
+    # epoch: time between steps through the training loop
+    epoch_epochs: int
+    epoch_limit_train: Optional[int]
+    epoch_limit_eval: Optional[int]
+    epoch_batch: int
 
     @classmethod
     def full(cls):
@@ -68,6 +73,7 @@ class Settings:
             export_num_classes=1000,
             memory_jobs=((18, 32), (18, 128), (50, 32), (50, 128)), memory_size=224,
             memory_parallel=1,
+            epoch_epochs=3, epoch_limit_train=None, epoch_limit_eval=None, epoch_batch=64,
         )
 
     @classmethod
@@ -80,6 +86,7 @@ class Settings:
             pipeline_batches=2, feed_steps=1,
             export_depths=(18,), export_size=96, latency_repeats=2, export_num_classes=10,
             memory_jobs=((18, 4), (18, 8)), memory_size=64, memory_parallel=2,
+            epoch_epochs=2, epoch_limit_train=128, epoch_limit_eval=64, epoch_batch=32,
         )
 
 

@@ -62,7 +62,7 @@ def export_one(depth: int, settings, workdir: str) -> dict:
     import tensorflow as tf
     from larq_compute_engine import testing as lce_testing
 
-    from bireal_tf.export import export_tflite
+    from bireal_tf.export import ParitySettings, export_tflite
     from bireal_tf.models import bireal_net
 
     size, n = settings.export_size, settings.export_num_classes
@@ -70,7 +70,8 @@ def export_one(depth: int, settings, workdir: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a parity warning is recorded in the row instead
         report = export_tflite(bireal_net(depth, input_shape=(size, size, 3), num_classes=n), path,
-                               benchmark=False, parity_samples=2, allow_mismatch=True)
+                               latency=None, parity=ParitySettings(samples=2),
+                               allow_mismatch=True)
     with open(path, "rb") as f:
         binary = f.read()
     row = {"depth": depth, "input": [size, size, 3], "num_classes": n,

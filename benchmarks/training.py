@@ -65,20 +65,10 @@ def build_model(cfg: TrainConfig, num_classes: int, depth: int = 18):
 
 
 def compile_for_stage(model, optimizer, stage, steps_per_execution):
-    """model.compile with the stage's loss and metrics.
+    """The training loop's own compile, so the benchmark times the step that training runs."""
+    from bireal_tf.recipes.loop import compile_for_stage as compile_like_the_loop
 
-    The same compile as the training loop's (bireal_tf/recipes/loop.py, `_run_stage`),
-    so the benchmark times the step that training runs.
-    """
-    import tensorflow as tf
-
-    model.compile(
-        optimizer=optimizer,
-        loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=stage.label_smoothing),
-        metrics=[tf.keras.metrics.CategoricalAccuracy(name="top1"),
-                 tf.keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
-        steps_per_execution=steps_per_execution,
-    )
+    compile_like_the_loop(model, optimizer, stage.label_smoothing, steps_per_execution)
 
 
 def compile_like_training(model, cfg: TrainConfig, depth: int = 18) -> dict:

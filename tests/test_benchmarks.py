@@ -144,6 +144,14 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
         "mixed_bfloat16 (ours)", "mixed_bfloat16 (larq-zoo)", "steps_per_execution"]
     assert all(_positive(lv["ratio"]) for lv in training["levers"])
 
+    epoch = results["sections"]["epoch"]
+    assert [e["epoch"] for e in epoch["epochs"]] == [1, 2]
+    for e in epoch["epochs"]:  # 128 / 32 train steps, 64 / 32 eval steps; ratio from its parts
+        assert (e["train_steps"], e["eval_steps"]) == (4, 2)
+        busy = e["train_steps"] * e["median_step_s"] + e["eval_steps"] * e["median_eval_step_s"]
+        assert e["ratio"] == pytest.approx(e["wall_s"] / busy, rel=0.02) and e["ratio"] >= 1.0
+    assert epoch["median_ratio_after_first"] == epoch["epochs"][1]["ratio"]
+
     pipeline = results["sections"]["pipeline"]
     assert set(pipeline["pipeline_images_per_second"]) == {"adam", "paper"}
     assert all(_positive(s["median"]) for s in pipeline["pipeline_images_per_second"].values())
@@ -177,9 +185,10 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
     for needle in ("# Benchmarks", "python -m benchmarks --tiny", "## Summary",
                    "## 1. Training throughput",
                    "| input | precision ours / zoo | ours (Bi-Real-18) | larq-zoo BiRealNet |",
-                   "### Levers", "## 2. Input pipeline", "| augmentation | images/s",
-                   "## 3. Export", "Host latency (x86-64)", "| network | LCE 1 thread",
-                   "## 4. Training-step memory", "## Measured and rejected", "| XLA ("):
+                   "### Levers", "## 2. Time between steps", "| epoch | wall (s) |",
+                   "## 3. Input pipeline", "| augmentation | images/s",
+                   "## 4. Export", "Host latency (x86-64)", "| network | LCE 1 thread",
+                   "## 5. Training-step memory", "## Measured and rejected", "| XLA ("):
         assert needle in md, needle
     assert (f"ours {headline['ours']:.1f} vs larq-zoo {headline['larq_zoo']:.1f} images/s"
             in md.split("## 1.")[0])  # the headline is in the summary
