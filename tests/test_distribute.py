@@ -178,6 +178,10 @@ def test_two_workers_share_one_output_dir_and_train_as_one_device_does(runs):
     w["chief"] = trainable_of(str(shared / "model.keras"))
     w["worker1"] = trainable_of(str(shared / "worker-1" / "model.keras"))
     np.testing.assert_allclose(w["chief"], w["worker1"], rtol=1e-5, atol=1e-6)  # all-reduce
-    moved, cosine, ratio = compare(w, "chief", "mirrored")
-    print(f"chief vs mirrored: cosine {cosine:.4f}, length ratio {ratio:.4f}")
+    # Two workers of one replica each compute what the two replicas of the mirrored run
+    # compute, on the same halves of the same global batches: measured bit-identical here.
+    # With every worker reading all the data (auto-sharding off) the gap was 1.44.
+    gap = np.linalg.norm(w["chief"] - w["mirrored"]) / np.linalg.norm(w["mirrored"] - w["init"])
+    print(f"chief vs mirrored: |difference| / |update| = {gap:.2e}")
+    assert gap < 1e-4
     check_agrees_with_one_device(w, "chief")
