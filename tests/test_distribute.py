@@ -19,6 +19,7 @@ What the comparison has to live with, measured here (tmp runs, 2 CPU cores):
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,8 +87,10 @@ def wait_all(procs, logs, timeout=900):
                 proc.wait()
         for log in logs:
             log.close()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, open(log.name).read()[-3000:]
+    # The process that failed first on its own (not one killed above) says why.
+    for proc, log in sorted(zip(procs, logs), key=lambda pl: pl[0].returncode == -signal.SIGKILL):
+        with open(log.name) as f:
+            assert proc.returncode == 0, f.read()[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -244,6 +244,7 @@ def test_cli_overrides_reach_the_recipe(tmp_path):
     assert float(model.optimizer.learning_rate) == pytest.approx(0.004)
 
 
+@pytest.mark.slow  # a run, an LCE conversion and the .tflite evaluated: over ~30 s
 def test_export_without_demo_writes_a_verified_tflite(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["r18_adam", *TINY_ARGS, "--epochs", "1", "--steps-per-epoch", "2",
