@@ -261,3 +261,40 @@ def test_paper_pipeline_runs_all_five_stages(tmp_path):
     # Resuming a finished pipeline at a later stage reuses the earlier stages' models.
     again = train(recipe, out, limit_train=64, limit_eval=32, verbose=0)
     assert again["top1"] == pytest.approx(summary["top1"])
+
+
+# --- saving ----------------------------------------------------------------------------
+
+
+class _FailsWhileSaving(tf.keras.layers.Layer):
+    """A layer whose weights cannot be written: `model.save` dies half-way through the file."""
+
+    def __init__(self, error="RuntimeError", **kwargs):
+        super().__init__(**kwargs)
+        self.error = error
+
+    def save_own_variables(self, store):
+        raise {"RuntimeError": RuntimeError, "KeyboardInterrupt": KeyboardInterrupt}[self.error](
+            "the disk is full")
+
+    def get_config(self):
+        return {**super().get_config(), "error": self.error}
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_save_model_atomic_keeps_the_old_file_when_a_save_dies(tmp_path, error):
+    from bireal_tf.utils import save_model_atomic
+
+    path = tmp_path / "model.keras"
+    good = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2, name="dense")])
+    assert save_model_atomic(good, path) == path
+    before = path.read_bytes()
+    np.testing.assert_array_equal(tf.keras.models.load_model(path).get_weights()[0],
+                                  good.get_weights()[0])
+
+    bad = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3),
+                               _FailsWhileSaving(error.__name__)])
+    with pytest.raises(error, match="disk is full"):
+        save_model_atomic(bad, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.keras"]  # no temp file left behind

@@ -1,8 +1,11 @@
-"""`python -m bireal_tf.recipes.train`: errors, kill and resume, distribution."""
+"""`python -m bireal_tf.recipes.train`: errors, the README's options, kill and resume.
+
+Distributed runs are in test_distribute.py.
+"""
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -72,105 +75,189 @@ def test_empty_folder_dataset_is_refused(tmp_path, capsys):
 # --- kill and resume -------------------------------------------------------------------
 
 
+def checkpoint_counters(path):
+    """(epoch, optimizer iterations) stored in a training checkpoint."""
+    reader = tf.train.load_checkpoint(path)
+    names = reader.get_variable_to_shape_map()
+    iterations = [n for n in names
+                  if re.fullmatch(r"optimizer/_?iter(ations)?/\.ATTRIBUTES/VARIABLE_VALUE", n)]
+    assert len(iterations) == 1, sorted(n for n in names if n.startswith("optimizer/_i"))
+    return (int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE")),
+            int(reader.get_tensor(iterations[0])))
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    args = [*TINY_ARGS, "--epochs", "4", "--steps-per-epoch", "6", "--seed", "3",
+def test_killed_run_resumes_after_its_last_checkpoint(tmp_path):
+    """SIGKILL once a checkpoint is recorded; the rerun says it resumes, does not redo those
+    epochs, restores the optimizer's step counter, and ends with the uninterrupted run's weights.
+    """
+    epochs, steps = 4, 6
+    args = [*TINY_ARGS, "--epochs", str(epochs), "--steps-per-epoch", str(steps), "--seed", "3",
             "--deterministic", "--no-validate"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    ckpt_dir = os.path.join(killed, "stages", "0_binary", "checkpoints")
 
-    proc = subprocess.Popen(cli("r18_adam", *args, "--output-dir", killed), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = os.path.join(killed, "stages", "0_binary", "checkpoints", "ckpt-1.index")
-    deadline = time.time() + 300
-    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # a real kill: no handler, no cleanup
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert os.path.exists(first)
+    # Output to a file, not a pipe nobody reads: a chatty log cannot block the child.
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cli("r18_adam", *args, "--output-dir", killed), env=env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+        # The `checkpoint` index names a checkpoint only after its files are complete.
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if os.path.exists(ckpt_dir) and tf.train.latest_checkpoint(ckpt_dir):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # a real kill: no handler, no cleanup
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    last = tf.train.latest_checkpoint(ckpt_dir)
+    assert last is not None
+    done = int(last.rsplit("-", 1)[1])
+    assert 1 <= done < epochs
     assert not os.path.exists(os.path.join(killed, "model.keras"))
+    assert checkpoint_counters(last) == (done, done * steps)
+    with open(os.path.join(killed, "metrics.csv")) as f:
+        rows_at_kill = f.read().splitlines()[1:]
 
-    resumed = subprocess.run(cli("r18_adam", *args, "--output-dir", killed), env=env(),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    done = subprocess.run(cli("r18_adam", *args, "--output-dir", straight), env=env(),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    # Not --quiet: the rerun says what it resumes from.
+    loud = [a for a in args if a != "--quiet"]
+    with open(tmp_path / "resumed.log", "w") as log:
+        resumed = subprocess.run(cli("r18_adam", *loud, "--output-dir", killed), env=env(),
+                                 stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    said = (tmp_path / "resumed.log").read_text()
+    assert resumed.returncode == 0, said[-3000:]
+    assert f"Stage binary: resuming after epoch {done} from {last}" in said
+    final = tf.train.latest_checkpoint(ckpt_dir)
+    assert checkpoint_counters(final) == (epochs, epochs * steps)
+    with open(os.path.join(killed, "metrics.csv")) as f:
+        rows = f.read().splitlines()[1:]
+    assert [line.split(",")[1] for line in rows] == [str(e) for e in range(1, epochs + 1)]
+    # The epochs before the kill were not run again: their rows, timings included, are as
+    # the killed process wrote them.
+    assert rows[:done] == rows_at_kill[:done]
 
+    with open(tmp_path / "straight.log", "w") as log:
+        run = subprocess.run(cli("r18_adam", *args, "--output-dir", straight), env=env(),
+                             stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    assert run.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
     a = weights_of(os.path.join(straight, "model.keras"))
     b = weights_of(os.path.join(killed, "model.keras"))
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    with open(os.path.join(killed, "metrics.csv")) as f:
-        assert [line.split(",")[1] for line in f.read().splitlines()[1:]] == ["1", "2", "3", "4"]
 
 
-# --- distribution ----------------------------------------------------------------------
-
-TWO_CPUS = """
-import json, sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import bireal_tf
-from bireal_tf.recipes import get_recipe, train
-recipe = get_recipe("r18_adam").with_overrides(
-    dataset="fashion_mnist_embedded", image_size=32, batch_size=32, epochs=2, steps_per_epoch=4,
-    seed=5)
-summary = train(recipe, sys.argv[2], strategy=sys.argv[1], limit_train=128, limit_eval=64,
-                verbose=0, deterministic=False)
-print("REPLICAS", summary["replicas"])
-"""
+# --- the README's options --------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_on_two_cpu_devices_matches_one_device(tmp_path):
-    losses = {}
-    for strategy in ("mirrored", "default"):
-        out = str(tmp_path / strategy)
-        run = subprocess.run([sys.executable, "-c", TWO_CPUS, strategy, out], env=env(),
-                             capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert f"REPLICAS {2 if strategy == 'mirrored' else 1}" in run.stdout
-        with open(os.path.join(out, "metrics.csv")) as f:
-            rows = f.read().splitlines()[1:]
-        losses[strategy] = np.array([float(r.split(",")[2]) for r in rows])
-    # Same data, same init; BatchNorm sees half batches per replica, so close, not equal.
-    np.testing.assert_allclose(losses["mirrored"], losses["default"], rtol=0.1)
+def test_overwrite_is_needed_to_replace_another_run_or_use_a_foreign_dir(tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"recipe": "r18_paper"}))
+    (other / "precious.txt").write_text("keep me")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    args = ["r18_adam", *TINY_ARGS, "--epochs", "1", "--steps-per-epoch", "2", "--no-validate"]
+
+    assert main([*args, "--output-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "'r18_paper'" in err and "--overwrite" in err
+    assert (other / "precious.txt").read_text() == "keep me"
+    assert main([*args, "--output-dir", str(foreign)]) == 2
+    assert "holds no bireal_tf run" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert not (foreign / "run.json").exists()
+
+    # With --overwrite the other recipe's run is deleted and this one takes its place.
+    assert main([*args, "--output-dir", str(other), "--overwrite"]) == 0
+    assert not (other / "precious.txt").exists()
+    assert json.loads((other / "run.json").read_text())["recipe"] == "r18_adam"
+    summary = json.loads((other / "summary.json").read_text())
+    assert summary["recipe"] == "r18_adam"
+    assert (other / "model.keras").exists()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def latent_trainable(model):
+    """Trainable weights by layer (binary kernels latent, not quantized)."""
+    return {f"{layer.name}/{i}": w.numpy()
+            for layer in model.layers for i, w in enumerate(layer.trainable_weights)}
 
 
-@pytest.mark.slow
-def test_multi_worker_run_over_loopback(tmp_path):
-    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    procs, outs = [], []
-    for index in range(2):
-        out = str(tmp_path / f"worker{index}")
-        e = env()
-        e["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        procs.append(subprocess.Popen(
-            cli("r18_adam", *TINY_ARGS, "--epochs", "2", "--steps-per-epoch", "3",
-                "--strategy", "multi_worker", "--no-validate", "--output-dir", out),
-            env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outs.append(out)
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        assert proc.returncode == 0, err[-3000:]
-    chief = os.path.join(outs[0], "model.keras")
-    other = os.path.join(outs[1], "worker-1", "model.keras")
-    a, b = weights_of(chief), weights_of(other)
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    with open(os.path.join(outs[0], "summary.json")) as f:
-        assert json.load(f)["replicas"] == 2
+def test_stage_with_init_weights_skips_earlier_stages_and_starts_from_the_file(tmp_path):
+    """`--stage binary --init-weights clip.keras`: the paper's hand-over from the clip network.
+
+    At --lr 0 the binary stage keeps the weights it starts from, so they must be the file's.
+    """
+    from bireal_tf.models import bireal_net
+
+    tf.keras.utils.set_random_seed(123)  # not the recipe's seed: another init than the trainer's
+    init = bireal_net(18, input_shape=(32, 32, 3), num_classes=10, activation="clip")
+    init_path = str(tmp_path / "clip.keras")
+    init.save(init_path)
+    start = latent_trainable(init)
+    out = tmp_path / "run"
+    assert main(["r18_paper", *TINY_ARGS, "--epochs", "1", "--steps-per-epoch", "2",
+                 "--no-validate", "--stage", "binary", "--init-weights", init_path, "--lr", "0",
+                 "--output-dir", str(out)]) == 0
+
+    assert sorted(os.listdir(out / "stages")) == ["3_binary", "4_bn_retrain"]
+    with open(out / "metrics.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == [
+            "binary", "bn_retrain"]
+    binary = latent_trainable(tf.keras.models.load_model(out / "stages" / "3_binary" /
+                                                         "model.keras", compile=False))
+    assert sorted(binary) == sorted(start)
+    for name, w in binary.items():
+        np.testing.assert_array_equal(w, start[name], err_msg=name)
+
+
+def test_cli_overrides_reach_the_recipe(tmp_path):
+    out = tmp_path / "run"
+    assert main(["r18_adam", "--dataset", "fashion_mnist_embedded", "--limit-train", "64",
+                 "--limit-eval", "32", "--quiet", "--no-validate", "--output-dir", str(out),
+                 "--image-size", "40", "--batch-size", "16", "--epochs", "2",
+                 "--steps-per-epoch", "2", "--lr", "0.004", "--optimizer", "sgd",
+                 "--schedule", "constant", "--weight-decay", "0.0005",
+                 "--label-smoothing", "0.05", "--augmentation", "none", "--seed", "7",
+                 "--padding", "symmetric", "--pad-values", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    config = summary["config"]
+    assert (config["image_size"], config["batch_size"], config["steps_per_epoch"],
+            config["seed"], config["padding"], config["pad_values"]) == (
+        40, 16, 2, 7, "symmetric", 1.0)
+    (stage,) = config["stages"]
+    assert (stage["epochs"], stage["optimizer"], stage["schedule"], stage["weight_decay"],
+            stage["label_smoothing"], stage["augmentation"]) == (
+        2, "sgd", "constant", 0.0005, 0.05, "none")
+    # --lr is the rate at the batch given: no further scaling.
+    assert summary["learning_rates"] == {"binary": pytest.approx(0.004)}
+    assert summary["dataset"]["image_size"] == 40
+    with open(out / "metrics.csv") as f:
+        rows = f.read().splitlines()[1:]
+    assert [float(r.split(",")[8]) for r in rows] == [pytest.approx(0.004)] * 2
+    # What was trained: the stage's saved model carries its optimizer and input size.
+    model = tf.keras.models.load_model(out / "stages" / "0_binary" / "model.keras")
+    assert model.input_shape == (None, 40, 40, 3)
+    assert isinstance(model.optimizer, tf.keras.optimizers.SGD)
+    assert model.optimizer.weight_decay == pytest.approx(0.0005)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.004)
+
+
+@pytest.mark.slow  # a run, an LCE conversion and the .tflite evaluated: over ~30 s
+def test_export_without_demo_writes_a_verified_tflite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["r18_adam", *TINY_ARGS, "--epochs", "1", "--steps-per-epoch", "2",
+                 "--no-validate", "--pad-values", "1", "--export",
+                 "--output-dir", str(out)]) == 0
+    assert "model.tflite" in capsys.readouterr().out
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["binary_convs"]["ok"] and report["parity"]["ok"]
+    assert report["op_histogram"]["LceBconv2d"] == 16
+    summary = json.loads((out / "summary.json").read_text())
+    lite = summary["tflite"]
+    assert lite["path"] == str(out / "model.tflite")
+    assert lite["size_bytes"] == os.path.getsize(out / "model.tflite") > 0
+    assert lite["num_examples"] == 32
+    assert 0.0 <= lite["top1"] <= 1.0
+    assert lite["top1_minus_keras_top1"] == pytest.approx(lite["top1"] - summary["top1"])

@@ -196,7 +196,10 @@ class Trainer:
                 shutil.rmtree(self.write_dir)
             elif self.overwrite:
                 shutil.rmtree(self.write_dir)
-        elif os.path.isdir(self.write_dir) and os.listdir(self.write_dir) and not self.overwrite:
+        # The other workers of a multi-worker run write to worker-<i>/ inside the chief's
+        # directory and may create it before the chief gets here: not a foreign entry.
+        elif os.path.isdir(self.write_dir) and not self.overwrite and any(
+                not name.startswith("worker-") for name in os.listdir(self.write_dir)):
             raise RunDirError(
                 f"{self.write_dir} is not empty and holds no bireal_tf run. Choose another "
                 "--output-dir, or pass --overwrite to use it anyway."
