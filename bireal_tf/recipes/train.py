@@ -45,8 +45,8 @@ def parse_args(argv):
     data.add_argument("--on-corrupt", choices=("skip", "fail"), default="skip",
                       help="--dataset folder: skip files that are not images (default; each is "
                            "named in a warning) or fail on the first one")
-    hp = p.add_argument_group("hyper-parameters (stage fields apply to --stage, else to all "
-                              "stages but the BatchNorm retrain)")
+    hp = p.add_argument_group("hyper-parameters (stage fields apply to every stage but the "
+                              "BatchNorm retrain)")
     hp.add_argument("--epochs", type=int)
     hp.add_argument("--batch-size", type=int)
     hp.add_argument("--lr", type=float,
