@@ -528,3 +528,23 @@ def test_pytorch_outputs(tmp_path, depth, capsys):
         write_torch_zip({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, mini)
         np.testing.assert_array_equal(torch.load(mini, weights_only=True)["w"].numpy(),
                                       np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_larq_zoo_weights_into_a_training_net(tmp_path):
+    """What --init-weights larq_zoo does: copy by name, leave a 10-class fc as it is."""
+    from bireal_tf.interop import load_larq_zoo_weights
+
+    zoo = larq_zoo.literature.BiRealNet(weights=None, input_shape=(64, 64, 3))
+    _randomize(zoo, seed=5)
+    zoo.save_weights(str(tmp_path / "zoo.h5"))
+    model = BiRealNet18(input_shape=(32, 32, 3), num_classes=10, padding="symmetric")
+    fc = model.get_layer("fc").get_weights()
+    summary = load_larq_zoo_weights(model, tmp_path / "zoo.h5")
+    assert "fc left as it is" in summary
+    zoo_layers = [l for l in zoo.layers if l.weights][:-1]
+    ours = [l for l in model.layers if l.weights and l.name != "fc"]
+    for theirs, mine in zip(zoo_layers, ours):
+        for a, b in zip(theirs.get_weights(), mine.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(fc, model.get_layer("fc").get_weights()):
+        np.testing.assert_array_equal(a, b)
