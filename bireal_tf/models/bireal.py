@@ -382,6 +382,10 @@ def _defaults(kwargs):
 
 
 def BiRealNet18(**kwargs):
+    if kwargs.get("weights") == "larq_zoo":  # larq-zoo's ImageNet weights, in its conventions
+        from bireal_tf.interop import from_larq_zoo
+
+        return from_larq_zoo(**{k: v for k, v in kwargs.items() if k != "weights"})
     return _network(_basic_body((4, 4, 4, 4)), "birealnet18", **_defaults(kwargs))
 
 
