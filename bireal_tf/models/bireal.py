@@ -298,7 +298,10 @@ _DOC_ARGS = """
         num_classes: number of classes of the top (>= 1).
         include_top: whether to add global average pooling and the `fc` layer.
         weights: None (random init), the path of a weights file to load, or (18 layers
-            only) "larq_zoo": larq-zoo's ImageNet weights (`bireal_tf.interop.from_larq_zoo`).
+            only) "larq_zoo": larq-zoo's ImageNet weights (`bireal_tf.interop.from_larq_zoo`),
+            in larq-zoo's conventions (BatchNorm epsilon 1e-3 and momentum 0.8, weight_clip
+            on the binary kernels, whatever is passed for those); padding, activation,
+            pad_values or num_classes that contradict the weights are refused.
         pooling: without the top, None (feature map), "avg" or "max".
         classifier_activation: activation of the top ("softmax", or None for logits).
         activation: "binary", or "relu" / "leaky_clip" / "clip" for the real variants.

@@ -249,6 +249,10 @@ class Trainer:
 
     def _load_initial_weights(self, model, path):
         """Weights of a saved model or weights file, matched by layer name."""
+        if path == "larq_zoo":  # larq-zoo's ImageNet Bi-Real-18, fetched through larq-zoo
+            from bireal_tf.interop import load_larq_zoo_weights
+
+            return self._say(load_larq_zoo_weights(model))
         if not os.path.exists(path):
             raise TrainingError(f"--init-weights {path} does not exist.")
         if path.endswith(".keras") or os.path.isdir(path):

@@ -66,8 +66,9 @@ def parse_args(argv):
     run = p.add_argument_group("run")
     run.add_argument("--stage", help="start at this stage (the stages before it are skipped)")
     run.add_argument("--init-weights",
-                     help="weights to start from (.keras model or weights file), e.g. a trained "
-                          "real-valued network for --stage leaky_clip")
+                     help="weights to start from: a .keras model or weights file (e.g. a trained "
+                          "real-valued network for --stage leaky_clip), or larq_zoo for "
+                          "larq-zoo's ImageNet Bi-Real-18 (fetched and hash-checked by larq-zoo)")
     run.add_argument("--output-dir", help="default: runs/<recipe>")
     run.add_argument("--overwrite", action="store_true",
                      help="delete a run of another recipe found in --output-dir")
