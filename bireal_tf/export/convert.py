@@ -303,7 +303,15 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                f"sign threshold (every pre-sign activation >= {check.sign_margin_threshold:g} x its "
                f"layer's max from zero), {check.clear_samples_within_tolerance} of those agree; "
                f"top-1 agreement {100 * check.top1_agreement:.1f}%")
-    if check.verdict == "sign_flips":
+    if check.verdict == "int8_top1":
+        _warn(report_warnings, f"int8: outputs agree with the fake-quant Keras model in top-1 on "
+                               f"{100 * check.top1_agreement:.1f}% of the inputs (>= "
+                               f"{100 * parity.int8_min_top1:g}% asked); elementwise they differ "
+                               f"(max |difference| {check.max_abs_diff:.4g}, max |output| "
+                               f"{check.max_abs_keras_output:.3g}), since int8 rounding flips some "
+                               "binary activations. Compare accuracy with `python -m "
+                               "bireal_tf.evaluate` on the .tflite.")
+    elif check.verdict == "sign_flips":
         _warn(report_warnings, f"Some outputs differ from Keras: {summary}. Every input that "
                                "differs has an activation within rounding of the sign threshold, "
                                "which LCE (BatchNorm folded) and Keras may binarize differently "

@@ -37,7 +37,7 @@ class ParityCheck:
     clear_samples_within_tolerance: int
     min_sign_margin: float | None
     top1_agreement: float
-    verdict: str  # "exact" | "sign_flips" | "inconclusive" | "mismatch"
+    verdict: str  # "exact" | "sign_flips" | "inconclusive" | "mismatch" | "int8_top1"
     ok: bool
 
 
