@@ -81,7 +81,10 @@ def test_qat_model_exports_int8_with_every_binary_conv_binary(qat_model, tmp_pat
     # (a wrong scale or a float fallback would leave chance level, 25%).
     assert report.parity.verdict == "int8_top1" and report.parity.ok
     assert report.parity.top1_agreement >= 0.7
-    assert report.parity.num_samples == 16  # ParitySettings().samples of the 32 given
+    assert report.parity.num_samples == 16
+    from tests.test_export import documented_keys
+    assert set(report.to_dict()["int8"]) == documented_keys()["int8"]
+    assert set(report.to_dict()["size"]) == documented_keys()["size"]  # ParitySettings().samples of the 32 given
 
 
 def test_int8_refuses_a_model_without_fake_quant_with_the_fix(tmp_path):
