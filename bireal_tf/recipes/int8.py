@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from bireal_tf.export.int8 import fake_quant_layers, int8_model
 
-__all__ = ["finetune_int8", "main"]
+__all__ = ["finetune_int8", "int8_stage", "main"]
 
 
 def _from_logits(model) -> bool:
@@ -47,6 +47,47 @@ def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-4,
     qmodel.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=validation,
                verbose=verbose)
     return qmodel
+
+
+def int8_stage(output_dir, epochs: int, *, learning_rate: float = 1e-4, data_dir=None,
+               limit_train=None, export: bool = False, verbose: int = 2) -> dict:
+    """The training CLI's `--int8-epochs N`: finetune a finished run's model.keras with
+    fake quantization on the run's dataset and write model_int8.keras (and, with
+    `export`, model_int8.tflite with int8 I/O, its report and its test accuracy).
+
+    Returns {"model": path, "val_top1": Keras fake-quant top-1[, "tflite", "tflite_top1"]}.
+    """
+    import json
+    import os
+
+    from bireal_tf.data import load_dataset
+    from bireal_tf.export.files import load_keras_model
+    from bireal_tf.utils import atomic_write_text, save_model_atomic
+
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        data = json.load(f)["dataset"]
+    model = load_keras_model(os.path.join(output_dir, "model.keras"))
+    size = int(model.inputs[0].shape[1])
+    data_dir = data_dir or data.get("data_dir")
+    train = load_dataset(data["name"], "train", batch_size=64, image_size=size, data_dir=data_dir,
+                         seed=0, limit=limit_train)
+    test = load_dataset(data["name"], "test", batch_size=64, image_size=size, data_dir=data_dir)
+    qmodel = finetune_int8(model, train.dataset, epochs=epochs, learning_rate=learning_rate,
+                           validation=test.dataset, verbose=verbose)
+    out = {"model": os.path.join(output_dir, "model_int8.keras"),
+           "val_top1": float(qmodel.history.history["val_top1"][-1])}
+    save_model_atomic(qmodel, out["model"])
+    if export:
+        from bireal_tf.evaluate import evaluate
+        from bireal_tf.export import export_tflite
+
+        out["tflite"] = os.path.join(output_dir, "model_int8.tflite")
+        export_tflite(qmodel, out["tflite"], sample_inputs=test, io_type="int8", latency=None,
+                      report_path=os.path.join(output_dir, "export_report_int8.json"))
+        out["tflite_top1"] = evaluate(out["tflite"], data["name"], data_dir=data_dir,
+                                     image_size=size)["top1"]
+    atomic_write_text(os.path.join(output_dir, "int8_summary.json"), json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def main(argv=None) -> int:
