@@ -21,13 +21,14 @@ from bireal_tf.export.convert import (
 )
 from bireal_tf.export.files import ExportError, ModelFileError, load_keras_model, read_flatbuffer_file
 from bireal_tf.export.flatbuffer import LCE_OPS, op_histogram
+from bireal_tf.export.int8 import FakeQuant, fake_quant_layers, int8_model
 from bireal_tf.export.report import SCHEMA_VERSION, ExportReport
 from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
 
 __all__ = [
     "HOST_LATENCY_NOTE", "LCE_OPS", "SCHEMA_VERSION", "ExportError", "ExportReport",
-    "ExportWarning", "LatencySettings", "ModelFileError", "ParitySettings", "TFLiteRunner",
-    "export_tflite", "float32_twin", "lce_zero_padding_hazards", "load_keras_model",
+    "ExportWarning", "FakeQuant", "LatencySettings", "ModelFileError", "ParitySettings", "TFLiteRunner",
+    "export_tflite", "fake_quant_layers", "float32_twin", "int8_model", "lce_zero_padding_hazards", "load_keras_model",
     "measure_latency", "mixed_precision_policies", "op_histogram", "read_flatbuffer_file",
     "sign_margins", "size_floor",
 ]

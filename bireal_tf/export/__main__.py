@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export even if binary convs stay float (or there are none); the report warns")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="export even if the .tflite outputs disagree with Keras; the report warns")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 input and output (a model made by bireal_tf.export.int8_model and "
+                        "finetuned with fake quantization; refused otherwise)")
     p.add_argument("--no-benchmark", dest="benchmark", action="store_false",
                    help="skip the host latency measurement")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], metavar="N",
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
             parity=ParitySettings(samples=args.parity_samples, pool=args.parity_pool),
             latency=LatencySettings(tuple(args.threads), args.latency_runs) if args.benchmark else None,
             input_shape=(*args.input_size, 3) if args.input_size else None,
+            io_type="int8" if args.int8 else "float32",
             report_path=args.report,
         )
     except ModelFileError as err:

@@ -29,6 +29,13 @@ class ParitySettings:
     An input agrees when max |keras - tflite| <= atol + rtol * max |keras outputs|.
     Without sample inputs, `samples` random normal inputs (seeded); with `pool` > 1,
     the `samples` of `pool` x as many whose pre-sign activations are furthest from zero.
+    A model with fake-quant ops (int8) is judged by top-1 agreement instead (at least
+    `int8_min_top1`): TFLite rounds the weights to int8 and rescales in integers, so
+    activations differ from Keras by a step here and there, and a step across zero
+    flips a binary activation, which spreads. Measured on the 2-epoch demo model
+    after a 1-epoch int8 finetune, 500 test images: top-1 agreement 0.892, per-input
+    max |difference| of the softmax median 0.048, accuracy 0.787 (.tflite) vs 0.788
+    (Keras). Its tolerance (int8_atol + int8_rtol * max |output|) is reported only.
     """
 
     samples: int = 16
@@ -37,6 +44,9 @@ class ParitySettings:
     rtol: float = 1e-4
     sign_margin: float = 2e-6
     seed: int = 0
+    int8_atol: float = 0.0
+    int8_rtol: float = 0.05
+    int8_min_top1: float = 0.7
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,13 +127,14 @@ def sign_margins(model, x, batch=4) -> np.ndarray | None:
 
 
 def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySettings,
-                    hazard: bool, enforced: bool = True) -> tuple[ParityCheck, np.ndarray]:
+                    hazard: bool, int8: bool = False) -> tuple[ParityCheck, np.ndarray]:
     """Keras vs .tflite on inputs x: (the ParityCheck without `inputs`, the Keras outputs).
 
     Verdicts: `exact` every input agrees; `mismatch` a clear input differs, or any input
     while a known LCE hazard is present; `sign_flips` the clear inputs agree, or half the
-    inputs do; `inconclusive` otherwise (most differ, none clear); `not_enforced` when
-    outputs are quantized (int8 I/O), where a tolerance of its own belongs (issue 12).
+    inputs do; `inconclusive` otherwise (most differ, none clear). `int8` (a model with
+    fake-quant ops) gets `int8_top1` when its top-1 agreement reaches
+    `settings.int8_min_top1`, else `mismatch`.
     """
     keras = np.concatenate([np.asarray(model(x[i: i + 32], training=False))
                             for i in range(0, len(x), 32)]).astype(np.float32)
@@ -132,13 +143,15 @@ def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySet
         raise ValueError(f"the .tflite output has the shape {lite.shape[1:]}, the Keras "
                          f"model's {keras.shape[1:]}")
     scale = float(np.abs(keras).max())
-    tolerance = float(settings.atol + settings.rtol * scale)
+    atol, rtol = (settings.int8_atol, settings.int8_rtol) if int8 else (settings.atol, settings.rtol)
+    tolerance = float(atol + rtol * scale)
     diff = np.abs(keras - lite).reshape(len(x), -1).max(axis=1)
     within = diff <= tolerance
     margins = sign_margins(model, x)
     clear = np.zeros(len(x), bool) if margins is None else margins >= settings.sign_margin
-    if not enforced:
-        verdict = "not_enforced"
+    top1 = np.argmax(keras.reshape(len(x), -1), 1) == np.argmax(lite.reshape(len(x), -1), 1)
+    if int8:
+        verdict = "int8_top1" if top1.mean() >= settings.int8_min_top1 else "mismatch"
     elif within.all():
         verdict = "exact"
     elif hazard or (clear & ~within).any():
@@ -147,7 +160,6 @@ def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySet
         verdict = "sign_flips"
     else:
         verdict = "inconclusive"
-    top1 = np.argmax(keras.reshape(len(x), -1), 1) == np.argmax(lite.reshape(len(x), -1), 1)
     check = ParityCheck(
         inputs="", num_samples=len(x), max_abs_diff=float(diff.max()), max_abs_keras_output=scale,
         tolerance=tolerance, samples_within_tolerance=int(within.sum()),
@@ -155,6 +167,6 @@ def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySet
         clear_samples_within_tolerance=int((clear & within).sum()),
         min_sign_margin=None if margins is None else float(margins.min()),
         top1_agreement=float(top1.mean()), verdict=verdict,
-        ok=verdict in ("exact", "sign_flips", "inconclusive"),
+        ok=verdict in ("exact", "sign_flips", "inconclusive", "int8_top1"),
     )
     return check, keras

@@ -30,6 +30,7 @@ from bireal_tf.export.checks import (ParitySettings, compare_outputs, float_bina
 from bireal_tf.export.files import (ExportError, ModelFileError, check_output_path, first_line,
                                     load_keras_model)
 from bireal_tf.export.flatbuffer import TFLiteGraph
+from bireal_tf.export.int8 import fake_quant_layers, int8_check, int8_size_floor
 from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency, SizeCheck
 from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
 from bireal_tf.utils import atomic_write_bytes, atomic_write_text
@@ -92,7 +93,7 @@ def size_floor(model) -> SizeCheck:
              if isinstance(model.get_layer(p.name), tf.keras.layers.BatchNormalization))
     floor = math.ceil(sum(p.memory for p in profiles) / 8)
     rest = sum(p.weight_count() for p in profiles) - binary - bn
-    return SizeCheck(0, floor, 0.0, binary, rest, bn)
+    return SizeCheck(0, floor, 0.0, binary, rest, bn, 32, 0)
 
 
 def mixed_precision_policies(model) -> set:
@@ -216,14 +217,16 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         parity: ParitySettings (number of inputs, tolerances, sign margin).
         latency: LatencySettings for the host latency, or None to skip it.
         io_type: "float32", or "int8" for int8 input and output, which needs a model
-            trained with fake quantization (issue 12); its parity is not enforced yet.
+            with fake-quant ops (`bireal_tf.export.int8_model`, finetuned). Such a model
+            is converted to int8 ops with either io_type; its parity uses the int8
+            tolerance (`ParitySettings.int8_rtol`), its size the int8 floor.
         input_shape: (H, W, C) for a model whose input has free dimensions.
         report_path: also write the report JSON there (atomically).
 
     Raises:
         ModelFileError: missing or corrupt model file, missing output directory.
         ExportError: conversion failed, binary convs stayed float (naming them), no
-            binary conv, outputs disagree, or int8 I/O could not be produced.
+            binary conv, outputs disagree, or int8 I/O asked of a model without fake-quant ops.
     """
     import larq_compute_engine as lce
     import tensorflow as tf
@@ -255,6 +258,15 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
     hazards = ", ".join(f"{name} (input {h}x{w}, kernel {kh}x{kw})"
                         for name, (h, w), (kh, kw) in lce_zero_padding_hazards(model))
 
+    quantized = bool(fake_quant_layers(model))
+    if io_type == "int8" and not quantized:
+        raise ExportError(
+            f"int8 I/O needs a model trained with fake quantization: model '{model.name}' has no "
+            "FakeQuant layer, so LCE has no int8 ranges for it. Make one with "
+            "bireal_tf.export.int8_model(model), finetune it for a few epochs "
+            "(bireal_tf.recipes.int8.finetune_int8, or the training CLI's --int8-epochs N), save "
+            "it as .keras and export that.")
+
     flatbuffer, seconds = convert(model, io_type)
     graph = TFLiteGraph(flatbuffer)
     (lite_in,), (lite_out,) = graph.inputs, graph.outputs
@@ -281,7 +293,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
 
     # 2. Keras vs .tflite.
     x, kind = _parity_inputs(model, sample_inputs, parity)
-    check, keras = compare_outputs(model, flatbuffer, x, parity, bool(hazards), io_type == "float32")
+    check, keras = compare_outputs(model, flatbuffer, x, parity, bool(hazards), int8=quantized)
     check.inputs = kind
     words = {"sample_inputs": "sample", "random_normal": "random normal",
              "random_normal_clearest": "random normal (clearest of a pool)"}[kind]
@@ -291,8 +303,14 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                f"sign threshold (every pre-sign activation >= {check.sign_margin_threshold:g} x its "
                f"layer's max from zero), {check.clear_samples_within_tolerance} of those agree; "
                f"top-1 agreement {100 * check.top1_agreement:.1f}%")
-    if check.verdict == "not_enforced":
-        _warn(report_warnings, f"int8 I/O: parity is not enforced; {summary}.")
+    if check.verdict == "int8_top1":
+        _warn(report_warnings, f"int8: outputs agree with the fake-quant Keras model in top-1 on "
+                               f"{100 * check.top1_agreement:.1f}% of the inputs (>= "
+                               f"{100 * parity.int8_min_top1:g}% asked); elementwise they differ "
+                               f"(max |difference| {check.max_abs_diff:.4g}, max |output| "
+                               f"{check.max_abs_keras_output:.3g}), since int8 rounding flips some "
+                               "binary activations. Compare accuracy with `python -m "
+                               "bireal_tf.evaluate` on the .tflite.")
     elif check.verdict == "sign_flips":
         _warn(report_warnings, f"Some outputs differ from Keras: {summary}. Every input that "
                                "differs has an activation within rounding of the sign threshold, "
@@ -320,7 +338,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         _warn(report_warnings, _ZERO_PADDING.format(hazards))
 
     # 3. Size and latency.
-    size = size_floor(model)
+    size = int8_size_floor(model) if quantized else size_floor(model)
     size.file_bytes, size.ratio = len(flatbuffer), round(len(flatbuffer) / max(1, size.floor_bytes), 4)
     host = None
     if latency is not None:
@@ -337,6 +355,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         conversion_seconds=round(seconds, 3),
         op_histogram=dict(sorted(graph.histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
         binary_convs=binary_check, parity=check, size=size, host_latency_ms=host,
+        int8=int8_check(model, graph) if quantized else None,
         warnings=report_warnings,
     )
     atomic_write_bytes(out_path, flatbuffer)

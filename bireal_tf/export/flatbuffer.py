@@ -33,6 +33,7 @@ class Tensor:
 class Op:
     name: str  # builtin op name or custom code
     inputs: list[int]
+    outputs: list[int] = ()
 
 
 class TFLiteGraph:
@@ -53,8 +54,8 @@ class TFLiteGraph:
                 ops = [graph.Operators(o) for o in range(graph.OperatorsLength())]
                 self.histogram.update(codes[op.OpcodeIndex()] for op in ops)
                 if s == 0:
-                    self.ops = [Op(codes[op.OpcodeIndex()], [int(i) for i in op.InputsAsNumpy()])
-                                for op in ops]
+                    self.ops = [Op(codes[op.OpcodeIndex()], [int(i) for i in op.InputsAsNumpy()],
+                                   [int(i) for i in op.OutputsAsNumpy()]) for op in ops]
                     self.tensors = [self._tensor(graph.Tensors(t)) for t in range(graph.TensorsLength())]
                     self.inputs = [self.tensors[i] for i in graph.InputsAsNumpy()]
                     self.outputs = [self.tensors[i] for i in graph.OutputsAsNumpy()]
@@ -72,6 +73,17 @@ class TFLiteGraph:
     def _tensor(t) -> Tensor:
         shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
         return Tensor(shape, _TYPE_NAMES.get(t.Type(), str(t.Type())), t.Buffer())
+
+    def is_constant(self, index: int) -> bool:
+        """Whether tensor `index` holds constant data (weights), not an activation."""
+        buffer = self.model.Buffers(self.tensors[index].buffer)
+        return buffer is not None and buffer.DataLength() > 0
+
+    def float_ops(self) -> list:
+        """The ops (in graph order) that read or write a float32 activation (not weights)."""
+        return [op for op in self.ops
+                if any(i >= 0 and not self.is_constant(i) and self.tensors[i].type == "float32"
+                       for i in list(op.inputs) + list(op.outputs))]
 
     def tensor_data(self, index: int) -> np.ndarray | None:
         """The constant data of tensor `index` as an array of its shape, or None."""

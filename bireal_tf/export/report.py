@@ -9,10 +9,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-__all__ = ["SCHEMA_VERSION", "BinaryConvCheck", "ExportReport", "HostLatency", "ParityCheck",
-           "SizeCheck"]
+__all__ = ["SCHEMA_VERSION", "BinaryConvCheck", "ExportReport", "HostLatency", "Int8Check",
+           "ParityCheck", "SizeCheck"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass
@@ -37,7 +37,7 @@ class ParityCheck:
     clear_samples_within_tolerance: int
     min_sign_margin: float | None
     top1_agreement: float
-    verdict: str  # "exact" | "sign_flips" | "inconclusive" | "mismatch" | "not_enforced"
+    verdict: str  # "exact" | "sign_flips" | "inconclusive" | "mismatch" | "int8_top1"
     ok: bool
 
 
@@ -49,6 +49,15 @@ class SizeCheck:
     binary_params: int
     float_params: int
     batchnorm_params: int
+    weight_bits: int  # bits per non-binary weight in the floor: 32, or 8 for an int8 model
+    scale_params: int  # per-channel int8 scales in the floor (0 for a float model)
+
+
+@dataclass
+class Int8Check:
+    fake_quant_layers: int
+    int8_ops: int
+    float_ops: dict[str, int]  # op name -> count of ops still reading or writing float32
 
 
 @dataclass
@@ -79,6 +88,7 @@ class ExportReport:
     parity: ParityCheck
     size: SizeCheck
     host_latency_ms: HostLatency | None
+    int8: Int8Check | None = None
     warnings: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
@@ -109,8 +119,13 @@ class ExportReport:
                                 f"top-1 agree {100 * p.top1_agreement:.1f}%"),
             ("size", f"{s.file_bytes / 1e6:.3f} MB, floor {s.floor_bytes / 1e6:.3f} MB "
                      f"(x{s.ratio:.4f}); {s.binary_params:,} binary + "
-                     f"{s.float_params + s.batchnorm_params:,} float params"),
+                     f"{s.float_params + s.batchnorm_params:,} {s.weight_bits}-bit params"
+                     + (f" + {s.scale_params:,} scales" if s.scale_params else "")),
         ]
+        if self.int8 is not None:
+            left = ", ".join(f"{k} {v}" for k, v in self.int8.float_ops.items()) or "none"
+            rows.append(("int8", f"{self.int8.int8_ops} integer ops, float ops left: {left} "
+                                 f"({self.int8.fake_quant_layers} fake-quant layers)"))
         if lat is None:
             rows.append(("host latency", "not measured (--no-benchmark)"))
         else:
