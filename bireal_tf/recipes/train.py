@@ -189,7 +189,9 @@ def main(argv=None):
         if args.int8_epochs > 0:  # issue 12: int8 finetune of the finished model
             from bireal_tf.recipes.int8 import int8_stage
 
-            print(f"int8: {int8_stage(output_dir, args.int8_epochs, data_dir=args.data_dir, limit_train=args.limit_train, export=args.export)}")
+            done = int8_stage(output_dir, args.int8_epochs, data_dir=args.data_dir,
+                              limit_train=args.limit_train, export=args.export)
+            print(f"int8: {done}")
     except (ValueError, TrainingError, DataError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -199,7 +201,8 @@ def main(argv=None):
         return 130
     out = os.path.abspath(output_dir)
     print(f"\nEverything is in {out}:")
-    for name in ("model.keras", "model.tflite", "model_int8.keras", "model_int8.tflite", "summary.json", "metrics.csv", "curves.png",
+    for name in ("model.keras", "model.tflite", "model_int8.keras", "model_int8.tflite",
+                 "summary.json", "metrics.csv", "curves.png",
                  "export_report.json", "logs"):
         if os.path.exists(os.path.join(out, name)):
             print(f"  {name}")
