@@ -25,11 +25,14 @@ import shutil
 import sys
 import time
 
+import larq as lq
+import numpy as np
 import tensorflow as tf
 
 from bireal_tf import models
 from bireal_tf.data import load_dataset
-from bireal_tf.quantizers import custom_objects
+from bireal_tf.models.layers import Subsample2D
+from bireal_tf.quantizers import MagnitudeAwareSign, custom_objects
 from bireal_tf.recipes.recipe import make_optimizer
 from bireal_tf.utils import atomic_write_text, library_versions, save_model_atomic
 
@@ -126,6 +129,33 @@ class _EpochEnd(tf.keras.callbacks.Callback):
 
 
 # --- the loop --------------------------------------------------------------------------
+
+
+def _absorb_weight_scale(model, source_layers):
+    """Carry the magnitude-aware scale into BatchNorm when weights become +-1 (no scale).
+
+    A source conv computed z = a_c * (sign(W) * x), a_c = mean|W[..., c]|; the same conv
+    with plain sign weights computes z / a_c. The BatchNorm right after it keeps its
+    moving statistics of z, so in inference mode it would see inputs 1/a_c (30-80x on
+    Fashion-MNIST) too large. Rescaling moving_mean by 1/a_c and moving_variance by
+    1/a_c**2 makes the loaded network compute what the source did (up to BatchNorm's
+    epsilon), so the BatchNorm retrain starts from the binary model, as the paper's does.
+    """
+    for bn in model.layers:
+        if not isinstance(bn, tf.keras.layers.BatchNormalization):
+            continue
+        producer = bn.input._keras_history.layer
+        if isinstance(producer, Subsample2D):  # "symmetric" padding's stride-2 convs
+            producer = producer.input._keras_history.layer
+        source = source_layers.get(producer.name)
+        if not (isinstance(producer, lq.layers.QuantConv2D) and source is not None
+                and isinstance(getattr(source, "kernel_quantizer", None), MagnitudeAwareSign)
+                and not isinstance(producer.kernel_quantizer, MagnitudeAwareSign)):
+            continue
+        kernel = producer.kernel.numpy()
+        scale = np.abs(kernel).mean(axis=tuple(range(kernel.ndim - 1)))
+        bn.moving_mean.assign(bn.moving_mean.numpy() / scale)
+        bn.moving_variance.assign(bn.moving_variance.numpy() / scale**2)
 
 
 class Trainer:
@@ -266,6 +296,7 @@ class Trainer:
                     copied += 1
             if copied == 0:
                 raise TrainingError(f"{path} shares no layer names with the {model.name} model.")
+            _absorb_weight_scale(model, by_name)
         else:
             with custom_objects():
                 model.load_weights(path, by_name=path.endswith(".h5"))

@@ -135,7 +135,10 @@ class Recipe:
         """A copy with recipe fields and stage fields replaced.
 
         Stage fields (`epochs`, `lr`, `optimizer`, ...) go to `stage` when given,
-        else to every stage but the BatchNorm retrain (which stays one epoch).
+        else to every stage but the BatchNorm retrain (which stays one epoch), except
+        `augmentation`, which goes to it too: the retrain re-estimates BatchNorm on the
+        training images, so they must look like those the network was trained on
+        (issue 13: 'none' everywhere but 'paper' there cost 2.6 points, loss 0.56 -> 2.19).
         """
         stage_fields = {f.name for f in dataclasses.fields(Stage)} - {"name"}
         recipe_fields = {f.name for f in dataclasses.fields(Recipe)} - {"stages"}
@@ -149,7 +152,11 @@ class Recipe:
         stages = []
         for s in self.stages:
             applies = s.name == stage if stage is not None else not s.train_only_batchnorm
-            stages.append(replace(s, **for_stages) if applies else s)
+            if applies:
+                s = replace(s, **for_stages)
+            elif stage is None and "augmentation" in for_stages:
+                s = replace(s, augmentation=for_stages["augmentation"])
+            stages.append(s)
         return replace(self, stages=tuple(stages), **for_recipe)
 
 

@@ -46,7 +46,7 @@ def parse_args(argv):
                       help="--dataset folder: skip files that are not images (default; each is "
                            "named in a warning) or fail on the first one")
     hp = p.add_argument_group("hyper-parameters (stage fields apply to every stage but the "
-                              "BatchNorm retrain)")
+                              "BatchNorm retrain, which takes only --augmentation)")
     hp.add_argument("--epochs", type=int)
     hp.add_argument("--batch-size", type=int)
     hp.add_argument("--lr", type=float,
