@@ -100,3 +100,4 @@ def test_int8_refuses_a_model_without_fake_quant_with_the_fix(tmp_path):
     assert "int8 I/O needs a model trained with fake quantization" in proc.stderr
     assert "int8_model" in proc.stderr
     assert not (tmp_path / "q.tflite").exists()
+

@@ -87,9 +87,6 @@ def parse_args(argv):
     run.add_argument("--no-validate", action="store_true", help="skip per-epoch validation")
     run.add_argument("--export", action="store_true",
                      help="export a verified LCE .tflite at the end and evaluate it")
-    run.add_argument("--int8-epochs", type=int, default=0, metavar="N",
-                     help="after training, finetune N epochs with fake quantization for an int8 "
-                          ".tflite (model_int8.keras; with --export also model_int8.tflite)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.list and not args.recipe:
@@ -186,12 +183,6 @@ def main(argv=None):
 
             summary = export_and_evaluate(summary, output_dir, data_dir=args.data_dir,
                                           limit_eval=args.limit_eval)
-        if args.int8_epochs > 0:  # issue 12: int8 finetune of the finished model
-            from bireal_tf.recipes.int8 import int8_stage
-
-            done = int8_stage(output_dir, args.int8_epochs, data_dir=args.data_dir,
-                              limit_train=args.limit_train, export=args.export)
-            print(f"int8: {done}")
     except (ValueError, TrainingError, DataError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -201,7 +192,7 @@ def main(argv=None):
         return 130
     out = os.path.abspath(output_dir)
     print(f"\nEverything is in {out}:")
-    for name in ("model.keras", "model.tflite", "model_int8.keras", "model_int8.tflite",
+    for name in ("model.keras", "model.tflite",
                  "summary.json", "metrics.csv", "curves.png",
                  "export_report.json", "logs"):
         if os.path.exists(os.path.join(out, name)):
