@@ -264,8 +264,8 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
             f"int8 I/O needs a model trained with fake quantization: model '{model.name}' has no "
             "FakeQuant layer, so LCE has no int8 ranges for it. Make one with "
             "bireal_tf.export.int8_model(model), finetune it for a few epochs "
-            "(bireal_tf.recipes.int8.finetune_int8, or the training CLI's --int8-epochs N), save "
-            "it as .keras and export that.")
+            "(`python -m bireal_tf.recipes.int8 MODEL -o OUT.keras --epochs N`, or "
+            "bireal_tf.recipes.int8.finetune_int8), and export the saved .keras.")
 
     flatbuffer, seconds = convert(model, io_type)
     graph = TFLiteGraph(flatbuffer)

@@ -51,7 +51,7 @@ def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-4,
 
 def int8_stage(output_dir, epochs: int, *, learning_rate: float = 1e-4, data_dir=None,
                limit_train=None, export: bool = False, verbose: int = 2) -> dict:
-    """The training CLI's `--int8-epochs N`: finetune a finished run's model.keras with
+    """Finetune a finished training run's model.keras with
     fake quantization on the run's dataset and write model_int8.keras (and, with
     `export`, model_int8.tflite with int8 I/O, its report and its test accuracy).
 
