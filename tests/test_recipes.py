@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf.models import binary_conv_layers
-from bireal_tf.recipes import RECIPES, Trainer, TrainingError, RunDirError, get_recipe, train
+from bireal_tf.recipes import RECIPES, Trainer, TrainingError, RunDirError, get_recipe
+from bireal_tf.recipes.loop import train  # the function; `bireal_tf.recipes.train` is also the CLI module
 from bireal_tf.recipes.recipe import learning_rate_schedule, make_optimizer
 
 TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)

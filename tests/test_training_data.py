@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf.data import folder
-from bireal_tf.recipes import get_recipe, train
+from bireal_tf.recipes import get_recipe
+from bireal_tf.recipes.loop import train  # the function; `bireal_tf.recipes.train` is also the CLI module
 from bireal_tf.recipes.train import build_recipe, parse_args
 
 TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)
