@@ -96,9 +96,9 @@ def _seeds(seed):
     return int(a), int(b)
 
 
-def _epoch_seeds(seed, epoch):
-    """(shuffle seed, augmentation seed) of one epoch: int64 tensors, functions of (seed, epoch)."""
-    shuffle_seed, augment_seed = _seeds(seed)
+def _epoch_seeds(shuffle_seed, augment_seed, epoch):
+    """(shuffle seed, augmentation seed) of one epoch: int64 tensors, functions of the run's
+    two seeds (`_seeds`) and the epoch."""
     epoch = tf.cast(epoch, tf.int64)
     return ((shuffle_seed * 1_000_003 + epoch) % (2**31 - 1),
             (augment_seed * 1_000_003 + epoch) % (2**31 - 1))
@@ -185,7 +185,7 @@ def load_dataset(
             # Python when the graph seed is 0 (set_random_seed(0)), which a tensor cannot
             # answer. A fixed graph seed for this function only sidesteps that comparison.
             tf.random.set_seed(1)
-            epoch_shuffle, epoch_augment = _epoch_seeds(seed, epoch)
+            epoch_shuffle, epoch_augment = _epoch_seeds(shuffle_seed, augment_seed, epoch)
             pairs = tf.data.Dataset.range(2**62).map(
                 lambda i: tf.stack([epoch_augment, i]))
             ds = batches(source.examples, epoch_shuffle, pairs, True, True)
