@@ -146,8 +146,8 @@ def test_model_saved_with_a_recipe_optimizer_loads_without_custom_objects(tmp_pa
     assert float(loaded.optimizer._learning_rate(10 * 10)) == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("schedule, milestones", [("step", (3, 6)), ("linear", ()),
-                                                  ("constant", ())])
+@pytest.mark.parametrize("schedule, milestones", [("step", (3, 6)), ("step", (0.5, 2.25)),
+                                                  ("linear", ()), ("constant", ())])
 def test_schedules_are_keras_builtins_exact_at_every_step(schedule, milestones):
     from bireal_tf.recipes import Recipe, Stage
 
@@ -162,12 +162,28 @@ def test_schedules_are_keras_builtins_exact_at_every_step(schedule, milestones):
     assert type(sched).__module__.startswith("tf_keras.")  # Keras' own, not ours
     clone = type(sched).from_config(sched.get_config())  # serializable as it is
     for step in range(epochs * steps + 3):
-        if schedule == "step":  # x0.1 from the first step of each milestone epoch
-            expected = lr * 0.1 ** sum(step // steps >= m for m in milestones)
+        if schedule == "step":  # x0.1 from step round(m * steps) of each milestone m
+            expected = lr * 0.1 ** sum(step >= round(m * steps) for m in milestones)
         else:  # linear to 0 at the last step, then 0
             expected = lr * max(0.0, 1 - step / (epochs * steps))
         assert float(sched(step)) == pytest.approx(expected, rel=1e-6, abs=1e-9), step
         assert float(clone(step)) == float(sched(step))
+
+
+def test_fewer_epochs_move_the_milestones_in_proportion():
+    paper = get_recipe("r18_paper")
+    short = paper.with_overrides(epochs=2)
+    assert short.stage("relu").milestones == (0.6667, 1.3333)  # 30, 60 of 90
+    assert short.stage("binary").milestones == (1.0, 1.5)  # 10, 15 of 20
+    # the binary stage now ends at the lr the BatchNorm retrain is given
+    binary, retrain = short.stage("binary"), short.stage("bn_retrain")
+    last = learning_rate_schedule(short, binary, 50)(2 * 50 - 1)
+    assert float(last) == pytest.approx(short.scaled_lr(retrain))
+    # explicit milestones and a single stage's epochs are respected
+    assert paper.with_overrides(epochs=2, milestones=(1,)).stage("clip").milestones == (1,)
+    one = paper.with_overrides(stage="clip", epochs=4)
+    assert one.stage("clip").milestones == (2.0, 3.0)
+    assert one.stage("relu").milestones == (30, 60)
 
 
 # --- bad input -------------------------------------------------------------------------

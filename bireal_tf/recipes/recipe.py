@@ -44,7 +44,7 @@ class Stage:
     optimizer: str = "adam"
     lr: float = 1e-3  # at the recipe's base_batch_size
     schedule: str = "linear"  # linear decay to 0, step (x0.1 at milestones), constant
-    milestones: tuple = ()  # epochs at which a step schedule multiplies lr by 0.1
+    milestones: tuple = ()  # epochs (may be fractional) at which a step schedule multiplies lr by 0.1
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0  # decoupled, as Keras' optimizers apply it
     label_smoothing: float = 0.0
@@ -139,6 +139,12 @@ class Recipe:
         `augmentation`, which goes to it too: the retrain re-estimates BatchNorm on the
         training images, so they must look like those the network was trained on
         (issue 13: 'none' everywhere but 'paper' there cost 2.6 points, loss 0.56 -> 2.19).
+
+        A new `epochs` without new `milestones` moves a step schedule's milestones in
+        proportion (90 epochs x0.1 at 30 and 60 -> 3 epochs x0.1 at 1 and 2), so a short
+        run still decays as the full one does. Kept in place, milestones beyond a short
+        run never fire: issue 13's 2-epoch stages ran at the full lr and ended at 100x the
+        lr the BatchNorm retrain assumes.
         """
         stage_fields = {f.name for f in dataclasses.fields(Stage)} - {"name"}
         recipe_fields = {f.name for f in dataclasses.fields(Recipe)} - {"stages"}
@@ -153,7 +159,11 @@ class Recipe:
         for s in self.stages:
             applies = s.name == stage if stage is not None else not s.train_only_batchnorm
             if applies:
-                s = replace(s, **for_stages)
+                fields = dict(for_stages)
+                if "epochs" in fields and "milestones" not in fields and s.milestones:
+                    scale = fields["epochs"] / s.epochs
+                    fields["milestones"] = tuple(round(m * scale, 4) for m in s.milestones)
+                s = replace(s, **fields)
             elif stage is None and "augmentation" in for_stages:
                 s = replace(s, augmentation=for_stages["augmentation"])
             stages.append(s)
@@ -165,7 +175,8 @@ def learning_rate_schedule(recipe, stage, steps_per_epoch):
 
     linear:   lr * (1 - step / total_steps)          PolynomialDecay, power 1, to 0
     step:     lr * 0.1 ** (milestones passed)        PiecewiseConstantDecay; milestone m
-                                                     takes effect at step m * steps_per_epoch
+                                                     takes effect at step
+                                                     round(m * steps_per_epoch)
     constant: lr
 
     The optimizer evaluates the schedule at its iteration count before the update,
@@ -177,7 +188,7 @@ def learning_rate_schedule(recipe, stage, steps_per_epoch):
         return schedules.PolynomialDecay(lr, stage.epochs * steps_per_epoch, 0.0, power=1.0)
     if stage.schedule == "step" and stage.milestones:
         # PiecewiseConstantDecay keeps values[i] while step <= boundaries[i].
-        boundaries = [int(m) * steps_per_epoch - 1 for m in sorted(stage.milestones)]
+        boundaries = [round(m * steps_per_epoch) - 1 for m in sorted(stage.milestones)]
         values = [lr * 0.1**i for i in range(len(boundaries) + 1)]
         return schedules.PiecewiseConstantDecay(boundaries, values)
     return lr
