@@ -53,6 +53,18 @@ def test_int8_model_keeps_layers_and_weights(qat_model):
             np.testing.assert_array_equal(a, b)
     # input, 16 residual adds, every BN (stem, 16 blocks, 3 shortcuts), pool and classifier
     assert len(fake_quant_layers(q)) == 1 + 16 + 20 + 2
+    # The real-valued kernels train on TFLite's int8 grid: symmetric, per output
+    # channel for the convs (scale max|w_c| / 127), per tensor for the classifier.
+    for name, per_channel in [("conv1", True), ("fc", False)]:
+        layer = q.get_layer(name)
+        w = layer.kernel.numpy()
+        qw = layer.kernel_quantizer(layer.kernel).numpy()
+        scale = np.abs(w).max(axis=tuple(range(w.ndim - 1)) if per_channel else None) / 127
+        steps = qw / scale
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+        assert np.abs(steps).max() <= 127 + 1e-3 and np.abs(qw - w).max() <= scale.max() / 2 + 1e-7
+        assert 0 < np.abs(qw - w).max()  # rounding happened
+    assert len(binary_conv_layers(q)) == 16  # the int8 kernels are not binary convs
     # Training moved the ranges off their [-6, 6] start; loading keeps them.
     loaded = load_keras_model(path)
     ranges = [(float(f.range_min), float(f.range_max)) for f in fake_quant_layers(loaded)]

@@ -12,6 +12,13 @@ must store as int8, the placement of LCE's own int8 test model
 - every Add (the residual stream that each LceQuantize reads);
 - the global average pool and the classifier (Dense).
 
+The real-valued convs and the classifier become Larq `QuantConv2D` / `QuantDense`
+with an `Int8Kernel` kernel quantizer: they train on the int8 grid TFLite stores
+their weights on (per output channel for convs, per tensor for the classifier),
+so the Keras model computes what the .tflite computes. On Fashion-MNIST (R18,
+32 px, 1,000 test images, ranges from 30 training batches, no finetune) this
+raised top-1 agreement with the .tflite from 0.970 to 0.988.
+
 Pooling, padding and the final activation keep their input's scale (TFLite's
 same-scale ops) and need no range of their own. The ranges start at [-6, 6]
 and are tracked while training (`FakeQuant`): finetune a few epochs before
@@ -20,9 +27,9 @@ exporting with `export_tflite(..., io_type="int8")`.
 
 import tensorflow as tf
 
-from bireal_tf.fake_quant import FakeQuant
+from bireal_tf.fake_quant import FakeQuant, Int8Kernel
 
-__all__ = ["FakeQuant", "fake_quant_layers", "int8_model", "SUFFIX"]
+__all__ = ["FakeQuant", "Int8Kernel", "fake_quant_layers", "int8_model", "SUFFIX"]
 
 SUFFIX = "_fq"
 
@@ -71,11 +78,24 @@ def _rename(nodes, mapping):
     return nodes
 
 
+def _with_int8_kernel(layer_config):
+    """A Conv2D / Dense layer config as Larq's QuantConv2D / QuantDense with an Int8Kernel."""
+    quant = {"Conv2D": ("QuantConv2D", True), "Dense": ("QuantDense", False)}
+    if layer_config["class_name"] not in quant:
+        return layer_config
+    cls, per_channel = quant[layer_config["class_name"]]
+    kernel = tf.keras.utils.serialize_keras_object(Int8Kernel(per_channel=per_channel))
+    lc = {k: v for k, v in layer_config.items() if k != "registered_name"}
+    return dict(lc, class_name=cls, module="larq.layers",
+                config=dict(layer_config["config"], kernel_quantizer=kernel))
+
+
 def int8_model(model, momentum: float = 0.99) -> tf.keras.Model:
     """`model` (a functional Bi-Real Net) with FakeQuant layers where LCE expects them.
 
     Same layers (same names), same weights; each FakeQuant is named after the layer
-    it follows plus "_fq". The ranges start at [-6, 6]: finetune (e.g.
+    it follows plus "_fq"; real-valued convs and the classifier become Larq layers
+    with an `Int8Kernel` kernel quantizer. The ranges start at [-6, 6]: finetune (e.g.
     `bireal_tf.recipes.int8.finetune_int8`) so they track the activations.
     """
     if fake_quant_layers(model):
@@ -90,7 +110,7 @@ def int8_model(model, momentum: float = 0.99) -> tf.keras.Model:
     mapping = {name: name + SUFFIX for name in targets}
     layers = []
     for lc in config["layers"]:
-        lc = dict(lc, inbound_nodes=_rename(lc.get("inbound_nodes", []), mapping))
+        lc = dict(_with_int8_kernel(lc), inbound_nodes=_rename(lc.get("inbound_nodes", []), mapping))
         layers.append(lc)
         name = lc["config"]["name"]
         if name in mapping:
@@ -98,7 +118,10 @@ def int8_model(model, momentum: float = 0.99) -> tf.keras.Model:
             fq.update(name=mapping[name], inbound_nodes=[[[name, 0, 0, {}]]])
             layers.append(fq)
     config = dict(config, layers=layers, output_layers=_rename(config["output_layers"], mapping))
-    new = model.__class__.from_config(config)
+    import larq as lq
+
+    new = model.__class__.from_config(config, custom_objects={
+        "QuantConv2D": lq.layers.QuantConv2D, "QuantDense": lq.layers.QuantDense})
     for layer in model.layers:
         new.get_layer(layer.name).set_weights(layer.get_weights())
     return new
@@ -136,8 +159,8 @@ def int8_size_floor(model):
 
     size = size_floor(model)
     binary = {layer.name for layer in binary_conv_layers(model)}
-    scales = sum(int(layer.kernel.shape[-1]) for layer in model.layers
-                 if hasattr(layer, "kernel") and layer.name not in binary)
+    scales = sum(1 if len(layer.kernel.shape) == 2 else int(layer.kernel.shape[-1])
+                 for layer in model.layers if hasattr(layer, "kernel") and layer.name not in binary)
     bits = size.binary_params + 8 * (size.float_params + size.batchnorm_params) + 32 * scales
     size.floor_bytes, size.weight_bits, size.scale_params = math.ceil(bits / 8), 8, scales
     return size
