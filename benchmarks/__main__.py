@@ -18,6 +18,8 @@ from benchmarks.common import REPO, Settings, Timer, load_average, log, machine_
 
 SCHEMA_VERSION = 2
 REJECTED = Path(__file__).with_name("rejected.md")
+# Hand-run studies too long for `make bench`, kept in their own files and included.
+STUDIES = (Path(__file__).with_name("precision_accuracy.md"),)
 
 
 def build_parser():
@@ -108,6 +110,7 @@ def render(results: dict) -> str:
     for number, name in enumerate((n for n in SECTIONS if n in sections), 1):
         module, result = section(name), sections[name]
         parts += [f"## {number}. {module.TITLE}", _meta_line(result["meta"]), module.markdown(result)]
+    parts += [path.read_text(encoding="utf-8").strip() for path in STUDIES if path.exists()]
     parts.append(REJECTED.read_text(encoding="utf-8").strip())
     return "\n\n".join(parts) + "\n"
 

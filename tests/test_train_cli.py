@@ -55,6 +55,7 @@ def test_list_prints_one_line_per_recipe(capsys):
         (["r18_adam", "--dataset", "folder", "--data-dir", "/nonexistent/imagenet"],
          "/nonexistent/imagenet"),
         (["r18_adam", "--dataset", "imagenet2012", "--data-dir", "{tmp}"], "manual"),
+        (["r18_adam", "--int8-epochs", "-1"], "--int8-epochs must be >= 0"),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
@@ -261,3 +262,52 @@ def test_export_without_demo_writes_a_verified_tflite(tmp_path, capsys):
     assert lite["num_examples"] == 32
     assert 0.0 <= lite["top1"] <= 1.0
     assert lite["top1_minus_keras_top1"] == pytest.approx(lite["top1"] - summary["top1"])
+
+
+def test_precision_auto_is_announced_first_and_recorded(tmp_path, capsys):
+    # What auto must pick here, read independently of the package from /proc/cpuinfo:
+    # bfloat16 above 64 px on a CPU with bfloat16 instructions, float32 at 32 px.
+    with open("/proc/cpuinfo") as f:
+        flags = {w for line in f if line.startswith("flags") for w in line.split(":")[1].split()}
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    bf16 = "mixed_bfloat16" if flags & {"avx512_bf16", "amx_bf16"} and not gpu else "float32"
+    cases = [(["--image-size", "72"], bf16), (["--image-size", "32"], "float32"),
+             (["--image-size", "72", "--mixed-precision", "float32"], "float32")]
+    for i, (args, want) in enumerate(cases):
+        out = tmp_path / str(i)
+        assert main(["r18_adam", *TINY_ARGS, "--epochs", "1", "--steps-per-epoch", "1",
+                     "--no-validate", "--output-dir", str(out), *args]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith(f"precision: {want} ("), first
+        assert ("auto:" in first) == ("--mixed-precision" not in args)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["precision"] == want and summary["precision_reason"] in first
+        model = tf.keras.models.load_model(summary["model"], compile=False)
+        dtype = model.get_layer("layer1_0_binary_conv").compute_dtype
+        assert dtype == ("bfloat16" if want == "mixed_bfloat16" else "float32")
+    assert tf.keras.mixed_precision.global_policy().name == "float32"
+
+
+@pytest.mark.slow  # a run and an int8 finetune: about a minute
+def test_int8_epochs_finetunes_the_trained_model_with_fake_quant(tmp_path, capsys):
+    from bireal_tf.export.files import load_keras_model
+    from bireal_tf.export.int8 import fake_quant_layers
+
+    out = tmp_path / "run"
+    assert main(["r18_adam", *TINY_ARGS, "--epochs", "1", "--no-validate", "--output-dir", str(out),
+                 "--image-size", "72", "--int8-epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8: fake-quant Keras top-1" in printed and "model_int8.keras" in printed
+    int8 = json.loads((out / "int8_summary.json").read_text())
+    qmodel = load_keras_model(out / "model_int8.keras")
+    assert len(fake_quant_layers(qmodel)) == 1 + 16 + 20 + 2
+    # trained under auto precision (bfloat16 at 72 px on such CPUs), fake-quantized in float32
+    assert {layer.compute_dtype for layer in qmodel.layers} == {"float32"}
+    # the finetune moved the ranges off their start and reports an accuracy on the test split
+    assert all((float(f.range_min), float(f.range_max)) != (-6.0, 6.0) for f in fake_quant_layers(qmodel))
+    assert 0.0 <= int8["val_top1"] <= 1.0 and int8["model"] == str(out / "model_int8.keras")
+    float_model = load_keras_model(out / "model.keras")
+    assert not fake_quant_layers(float_model)  # model.keras stays the float model
+    # the finetune trained the weights it started from
+    assert not np.array_equal(float_model.get_layer("fc").get_weights()[0],
+                              qmodel.get_layer("fc").get_weights()[0])

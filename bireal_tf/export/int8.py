@@ -105,7 +105,11 @@ def int8_model(model, momentum: float = 0.99) -> tf.keras.Model:
             model, "_is_graph_network", False):
         raise ValueError(f"int8_model takes a functional Keras model, got {type(model).__name__}; "
                          "build the network with bireal_tf.bireal_net / BiRealNet18.")
-    config = model.get_config()
+    from bireal_tf.export.convert import _float32_config
+
+    # Fake quantization needs float32: a bfloat16 kernel cannot hold every int8 level
+    # times its scale exactly. A model trained under a mixed policy gets its float32 twin.
+    config = _float32_config(model.get_config())
     targets = _targets(config)
     mapping = {name: name + SUFFIX for name in targets}
     layers = []

@@ -27,18 +27,23 @@ def _from_logits(model) -> bool:
     return getattr(act, "__name__", "") != "softmax"
 
 
-def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-4, steps_per_epoch=None,
+def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-5, steps_per_epoch=None,
                   validation=None, verbose: int = 1):
     """`int8_model(model)` (or `model` itself if it has fake-quant ops), trained `epochs`
-    epochs with Adam(learning_rate) on `train` (a tf.data.Dataset of (images, sparse labels)).
+    epochs with Adam on `train` (a tf.data.Dataset of (images, sparse labels)), the
+    learning rate decayed linearly from `learning_rate` to 0 when the length is known.
 
     The ranges start at [-6, 6] and the first training batch sets each one, so even
     one short epoch gives usable ranges; a small learning rate keeps the trained
-    weights close.
+    weights close. On full Fashion-MNIST (R18 at 91.00%, 1 epoch, batch 64) Adam at a
+    constant 1e-4 lost 0.8 points in Keras and in the .tflite (90.24 / 90.20).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     qmodel = model if fake_quant_layers(model) else int8_model(model)
+    steps = steps_per_epoch or int(train.cardinality())
+    if steps > 0:  # known length: decay linearly to 0, as the recipes end their training
+        learning_rate = tf.keras.optimizers.schedules.PolynomialDecay(learning_rate, epochs * steps, 0.0)
     qmodel.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=_from_logits(qmodel)),
@@ -49,7 +54,7 @@ def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-4,
     return qmodel
 
 
-def int8_stage(output_dir, epochs: int, *, learning_rate: float = 1e-4, data_dir=None,
+def int8_stage(output_dir, epochs: int, *, learning_rate: float = 1e-5, data_dir=None,
                limit_train=None, export: bool = False, verbose: int = 2) -> dict:
     """Finetune a finished training run's model.keras with
     fake quantization on the run's dataset and write model_int8.keras (and, with
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("model", help="trained Keras model (.keras)")
     p.add_argument("-o", "--output", required=True, help="the fake-quant model to write (.keras)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate, decayed linearly to 0 (default 1e-5)")
     p.add_argument("--steps", type=int, default=None, help="steps per epoch (default: one pass)")
     p.add_argument("--dataset", default="fashion_mnist_embedded")
     p.add_argument("--data-dir", default=None)

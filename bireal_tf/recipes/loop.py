@@ -33,11 +33,12 @@ from bireal_tf import models
 from bireal_tf.data import load_dataset
 from bireal_tf.models.layers import Subsample2D
 from bireal_tf.quantizers import MagnitudeAwareSign, custom_objects
-from bireal_tf.recipes.recipe import make_optimizer
-from bireal_tf.utils import atomic_write_text, library_versions, save_model_atomic
+from bireal_tf.recipes.recipe import SMALL_IMAGE_MAX_SIZE, make_optimizer
+from bireal_tf.utils import atomic_write_text, bf16_cpu_flags, library_versions, save_model_atomic
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("float16", "bfloat16")
+PRECISION_CHOICES = ("auto", "float32", *MIXED_PRECISION)
 # Train steps per call of the compiled train function: the same steps, with less Python
 # and dispatch overhead between them (1.04-1.13x at batch 32 on 2 CPU cores, BENCHMARKS.md).
 STEPS_PER_EXECUTION = 4
@@ -203,8 +204,10 @@ class Trainer:
         self.verbose = verbose
         if start_stage is not None:
             recipe.stage(start_stage)  # validates the name
-        if mixed_precision not in (None, *MIXED_PRECISION):
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION} or None.")
+        if mixed_precision not in (None, *PRECISION_CHOICES):
+            raise ValueError(f"mixed_precision must be one of {PRECISION_CHOICES} or None.")
+        self.mixed_precision, self.precision_reason = resolve_mixed_precision(
+            mixed_precision, strategy, input_size(recipe))
         if self.steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}.")
 
@@ -497,6 +500,8 @@ class Trainer:
             "strategy": self.strategy_name,
             "replicas": self.strategy.num_replicas_in_sync,
             "mixed_precision": self.mixed_precision,
+            "precision": f"mixed_{self.mixed_precision}" if self.mixed_precision else "float32",
+            "precision_reason": self.precision_reason,
             "steps_per_execution": self.steps_per_execution,
             "deterministic": self.deterministic,
             "model": final_model,
@@ -515,6 +520,39 @@ class Trainer:
     def _say(self, message):
         if self.verbose:
             print(message, flush=True)
+
+
+def input_size(recipe) -> int:
+    """The image size `recipe` trains at: its own, else its dataset's default."""
+    from bireal_tf.data.preprocessing import FASHION_MNIST, IMAGENET
+
+    if recipe.image_size:
+        return int(recipe.image_size)
+    return (FASHION_MNIST if recipe.dataset.startswith("fashion_mnist") else IMAGENET).default_size
+
+
+def resolve_mixed_precision(requested, strategy="default", image_size=None):
+    """(the mixed precision to train in: None (float32), "bfloat16" or "float16", why).
+
+    "auto" picks bfloat16 where it was measured to pay: on a CPU with AVX512_BF16 or AMX,
+    for inputs larger than SMALL_IMAGE_MAX_SIZE (1.70x at 128 px, 2.04x at 224:
+    BENCHMARKS.md, training). Test top-1 is within the float32 seeds' spread
+    (BENCHMARKS.md, "bfloat16 or float32"). Float32 elsewhere: for small images, where
+    bfloat16 trained no faster (0.96x at 32 px, same study); on GPUs and TPUs, where it
+    was not measured; on CPUs without bfloat16 instructions, where it would be slower.
+    """
+    if requested in (None, "float32"):
+        return None, "float32 asked for" if requested else "float32 (the Python API's default)"
+    if requested != "auto":
+        return requested, f"{requested} asked for"
+    if strategy == "tpu" or tf.config.list_physical_devices("GPU"):
+        return None, "auto: float32 on an accelerator (bfloat16 is measured here on CPUs only)"
+    flags = bf16_cpu_flags()
+    if not flags:
+        return None, "auto: this CPU has no AVX512_BF16 or AMX"
+    if image_size is not None and image_size <= SMALL_IMAGE_MAX_SIZE:
+        return None, f"auto: float32 for {image_size} px inputs, where bfloat16 trains no faster"
+    return "bfloat16", f"auto: this CPU has {' and '.join(flags)}"
 
 
 def train(recipe, output_dir, **kwargs):

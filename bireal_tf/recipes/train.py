@@ -75,10 +75,12 @@ def parse_args(argv):
     run.add_argument("--strategy", default="default",
                      help="default, one_device, mirrored, multi_worker (TF_CONFIG), tpu")
     run.add_argument("--tpu", help="TPU name or address for --strategy tpu")
-    run.add_argument("--mixed-precision", choices=("float16", "bfloat16"),
-                     help="float16 for GPUs; bfloat16 for TPUs and CPUs with AVX512_BF16/AMX "
-                          "(1.7-2.0x faster training on such a CPU, see BENCHMARKS.md). Changes "
-                          "numerics slightly; the .tflite is exported from the float32 twin")
+    run.add_argument("--mixed-precision", choices=("auto", "float32", "float16", "bfloat16"),
+                     default="auto",
+                     help="auto (default): bfloat16 on CPUs with AVX512_BF16/AMX for inputs "
+                          "above 64 px (1.7-2.0x faster training there, accuracy within the "
+                          "float32 seeds' spread: BENCHMARKS.md), float32 elsewhere. float16 "
+                          "for GPUs. The .tflite is exported from the float32 twin either way")
     run.add_argument("--steps-per-execution", type=int,
                      help="train steps per call of the train function (default 4: less "
                           "overhead, the same steps; 1 calls callbacks after every step)")
@@ -87,6 +89,10 @@ def parse_args(argv):
     run.add_argument("--no-validate", action="store_true", help="skip per-epoch validation")
     run.add_argument("--export", action="store_true",
                      help="export a verified LCE .tflite at the end and evaluate it")
+    run.add_argument("--int8-epochs", type=int, default=0, metavar="N",
+                     help="after training, finetune N epochs with fake int8 quantization "
+                          "(model_int8.keras); with --export also model_int8.tflite (int8 "
+                          "layers beside the binary ones), verified and evaluated")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.list and not args.recipe:
@@ -137,10 +143,13 @@ def main(argv=None):
     tf.get_logger().setLevel("ERROR")
     from bireal_tf.data import DataError
     from bireal_tf.export import ExportError
-    from bireal_tf.recipes.loop import STEPS_PER_EXECUTION, TrainingError, train
+    from bireal_tf.recipes.loop import (STEPS_PER_EXECUTION, TrainingError, input_size,
+                                       resolve_mixed_precision, train)
     from bireal_tf.recipes.recipe import RECIPES
-    from bireal_tf.utils import bf16_cpu_flags
 
+    if args.int8_epochs < 0:
+        print(f"error: --int8-epochs must be >= 0, got {args.int8_epochs}.", file=sys.stderr)
+        return 2
     if args.list:
         for name, r in RECIPES.items():
             stages = " -> ".join(f"{s.name}({s.epochs})" for s in r.stages)
@@ -148,16 +157,13 @@ def main(argv=None):
         return 0
     try:
         recipe, fitted = build_recipe(args)
+        precision, why = resolve_mixed_precision(args.mixed_precision, args.strategy, input_size(recipe))
+        print(f"precision: {'mixed_' + precision if precision else 'float32'} ({why})", flush=True)
         if fitted:
             print(f"{recipe.dataset} settings: "
                   + ", ".join(f"{k} {v}" for k, v in fitted.items())
                   + " (small images; options given on the command line win)", flush=True)
         output_dir = args.output_dir or os.path.join("runs", recipe.name)
-        bf16 = bf16_cpu_flags()
-        if (not args.mixed_precision and not args.quiet and bf16
-                and not tf.config.list_physical_devices("GPU")):
-            print(f"Note: this CPU has {' and '.join(bf16)}: --mixed-precision bfloat16 trains "
-                  "about 1.7-2x faster here (BENCHMARKS.md), with slightly different numerics.")
         summary = train(
             recipe,
             output_dir,
@@ -167,7 +173,7 @@ def main(argv=None):
             overwrite=args.overwrite,
             strategy=args.strategy,
             tpu=args.tpu,
-            mixed_precision=args.mixed_precision,
+            mixed_precision=args.mixed_precision,  # resolved again, the same way, for summary.json
             steps_per_execution=(STEPS_PER_EXECUTION if args.steps_per_execution is None
                                  else args.steps_per_execution),
             deterministic=args.deterministic,
@@ -183,6 +189,15 @@ def main(argv=None):
 
             summary = export_and_evaluate(summary, output_dir, data_dir=args.data_dir,
                                           limit_eval=args.limit_eval)
+        if args.int8_epochs:
+            from bireal_tf.recipes.int8 import int8_stage
+
+            print(f"int8 finetune, {args.int8_epochs} epoch(s) (the float model is saved)", flush=True)
+            int8 = int8_stage(output_dir, args.int8_epochs, data_dir=args.data_dir,
+                              limit_train=args.limit_train, export=args.export,
+                              verbose=0 if args.quiet else 2)
+            print("int8: fake-quant Keras top-1 {:.2%}".format(int8["val_top1"])
+                  + (", .tflite top-1 {:.2%}".format(int8["tflite_top1"]) if "tflite_top1" in int8 else ""))
     except (ValueError, TrainingError, DataError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -194,7 +209,8 @@ def main(argv=None):
     print(f"\nEverything is in {out}:")
     for name in ("model.keras", "model.tflite",
                  "summary.json", "metrics.csv", "curves.png",
-                 "export_report.json", "logs"):
+                 "export_report.json", "model_int8.keras", "model_int8.tflite",
+                 "export_report_int8.json", "int8_summary.json", "logs"):
         if os.path.exists(os.path.join(out, name)):
             print(f"  {name}")
     return 0
