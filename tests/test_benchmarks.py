@@ -192,3 +192,35 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
         assert needle in md, needle
     assert (f"ours {headline['ours']:.1f} vs larq-zoo {headline['larq_zoo']:.1f} images/s"
             in md.split("## 1.")[0])  # the headline is in the summary
+
+
+def test_precision_study_reads_real_run_files_and_judges_the_spread(tmp_path):
+    from benchmarks.precision_accuracy import compare, markdown, read_run, run_dir
+
+    top1 = {("float32", 1): 0.870, ("float32", 2): 0.860, ("float32", 3): 0.880,
+            ("bfloat16", 1): 0.875, ("bfloat16", 2): 0.872, ("bfloat16", 3): 0.866}
+    for (precision, seed), value in top1.items():
+        out = run_dir(tmp_path, precision, seed)
+        out.mkdir(parents=True)
+        policy = {"float32": None, "bfloat16": "mixed_bfloat16"}[precision]
+        (out / "summary.json").write_text(json.dumps({"top1": value, "mixed_precision": policy}))
+        (out / "metrics.csv").write_text("stage,epoch,loss,seconds\nbinary,1,1.0,300\nbinary,2,0.8,100\n"
+                                         "binary,3,0.7,200\n")
+    runs = {}
+    for (precision, seed) in top1:
+        found, t, seconds = read_run(run_dir(tmp_path, precision, seed))
+        assert found == precision and seconds == 200  # median of 300, 100, 200
+        runs[(precision, seed)] = (t, seconds)
+    result = compare(runs, {"float32": [100.0, 120.0, 90.0], "bfloat16": [150.0, 150.0, 180.0]})
+    assert result["float32"]["mean"] == pytest.approx(87.0)
+    assert (result["float32"]["lo"], result["float32"]["hi"]) == (pytest.approx(86.0), pytest.approx(88.0))
+    assert result["bfloat16"]["mean"] == pytest.approx(87.1)
+    assert result["within_spread"]  # 87.1 lies in 86.0..88.0
+    assert result["speedup"] == pytest.approx(150 / 100)
+    assert result["speedup_range"] == (pytest.approx(1.25), pytest.approx(2.0))
+    result["rounds"] = 3
+    text = markdown(runs, result, epochs=2)
+    assert "| 2 | 86.00 | 87.20 |" in text and "1.50x" in text and "is the training default" in text
+    # one seed out of range moves the mean outside: the verdict flips
+    runs[("bfloat16", 3)] = (60.0, 200)
+    assert not compare(runs, {"float32": [1.0], "bfloat16": [1.0]})["within_spread"]

@@ -113,3 +113,13 @@ def test_int8_refuses_a_model_without_fake_quant_with_the_fix(tmp_path):
     assert "int8_model" in proc.stderr
     assert not (tmp_path / "q.tflite").exists()
 
+
+
+def test_zero_padded_binary_convs_are_refused_or_switched_to_ones():
+    model = bireal_net(18, input_shape=(SIZE, SIZE, 3), num_classes=4)  # pad_values=0
+    with pytest.raises(ValueError, match=r"16 binary convs that pad with 0.*pad_values=1.0.*pad_with_ones"):
+        int8_model(model)
+    q = int8_model(model, pad_with_ones=True)
+    padded = {layer.pad_values for layer in binary_conv_layers(q) if layer.kernel_size[0] > 1}
+    assert padded == {1.0} and len(binary_conv_layers(q)) == 16
+    assert {layer.pad_values for layer in binary_conv_layers(model)} == {0.0}  # the input model is untouched

@@ -56,6 +56,7 @@ def test_list_prints_one_line_per_recipe(capsys):
          "/nonexistent/imagenet"),
         (["r18_adam", "--dataset", "imagenet2012", "--data-dir", "{tmp}"], "manual"),
         (["r18_adam", "--int8-epochs", "-1"], "--int8-epochs must be >= 0"),
+        (["r18_adam", "--int8-epochs", "1"], "add --pad-values 1"),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):

@@ -90,13 +90,26 @@ def _with_int8_kernel(layer_config):
                 config=dict(layer_config["config"], kernel_quantizer=kernel))
 
 
-def int8_model(model, momentum: float = 0.99) -> tf.keras.Model:
+def _zero_padded_binary_convs(config) -> list:
+    return [lc["config"]["name"] for lc in config["layers"]
+            if lc["class_name"] == "QuantConv2D" and lc["config"].get("input_quantizer")
+            and lc["config"].get("padding") == "same" and not lc["config"].get("pad_values")
+            and max(lc["config"]["kernel_size"]) > 1]
+
+
+def int8_model(model, momentum: float = 0.99, pad_with_ones: bool = False) -> tf.keras.Model:
     """`model` (a functional Bi-Real Net) with FakeQuant layers where LCE expects them.
 
     Same layers (same names), same weights; each FakeQuant is named after the layer
     it follows plus "_fq"; real-valued convs and the classifier become Larq layers
     with an `Int8Kernel` kernel quantizer. The ranges start at [-6, 6]: finetune (e.g.
     `bireal_tf.recipes.int8.finetune_int8`) so they track the activations.
+
+    Binary convs must pad with +1 (`pad_values=1.0`): LCE's optimized int8-output
+    binary conv has no zero padding (its interpreter refuses such a file when it
+    allocates). A zero-padded model is refused; `pad_with_ones=True` switches its
+    binary convs to +1 padding (the network changes at the borders; the int8
+    finetune adapts to it).
     """
     if fake_quant_layers(model):
         raise ValueError(f"Model '{model.name}' already has FakeQuant layers; int8_model "
@@ -110,6 +123,16 @@ def int8_model(model, momentum: float = 0.99) -> tf.keras.Model:
     # Fake quantization needs float32: a bfloat16 kernel cannot hold every int8 level
     # times its scale exactly. A model trained under a mixed policy gets its float32 twin.
     config = _float32_config(model.get_config())
+    zero_padded = _zero_padded_binary_convs(config)
+    if zero_padded and not pad_with_ones:
+        raise ValueError(
+            f"Model '{model.name}' has {len(zero_padded)} binary convs that pad with 0 (e.g. "
+            f"'{zero_padded[0]}'); LCE's int8 binary conv pads with +1 only. Train with "
+            "pad_values=1.0 (--pad-values 1; the small-image recipes do), or call "
+            "int8_model(model, pad_with_ones=True) and let the int8 finetune adapt.")
+    for lc in config["layers"]:
+        if lc["config"]["name"] in zero_padded:
+            lc["config"]["pad_values"] = 1.0
     targets = _targets(config)
     mapping = {name: name + SUFFIX for name in targets}
     layers = []

@@ -28,7 +28,7 @@ def _from_logits(model) -> bool:
 
 
 def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-5, steps_per_epoch=None,
-                  validation=None, verbose: int = 1):
+                  validation=None, verbose: int = 1, pad_with_ones: bool = False):
     """`int8_model(model)` (or `model` itself if it has fake-quant ops), trained `epochs`
     epochs with Adam on `train` (a tf.data.Dataset of (images, sparse labels)), the
     learning rate decayed linearly from `learning_rate` to 0 when the length is known.
@@ -40,7 +40,7 @@ def finetune_int8(model, train, *, epochs: int = 1, learning_rate: float = 1e-5,
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    qmodel = model if fake_quant_layers(model) else int8_model(model)
+    qmodel = model if fake_quant_layers(model) else int8_model(model, pad_with_ones=pad_with_ones)
     steps = steps_per_epoch or int(train.cardinality())
     if steps > 0:  # known length: decay linearly to 0, as the recipes end their training
         learning_rate = tf.keras.optimizers.schedules.PolynomialDecay(learning_rate, epochs * steps, 0.0)
@@ -106,6 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="fashion_mnist_embedded")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--pad-with-ones", action="store_true",
+                   help="switch binary convs that pad with 0 to +1 padding (LCE's int8 binary "
+                        "conv has no zero padding); the finetune adapts")
     args = p.parse_args(argv)
 
     from bireal_tf.data import load_dataset
@@ -122,8 +125,13 @@ def main(argv=None) -> int:
                          data_dir=args.data_dir, seed=0)
     test = load_dataset(args.dataset, "test", batch_size=args.batch_size, image_size=size,
                         data_dir=args.data_dir)
-    qmodel = finetune_int8(model, train.dataset, epochs=args.epochs, learning_rate=args.lr,
-                           steps_per_epoch=args.steps, validation=test.dataset, verbose=2)
+    try:
+        qmodel = finetune_int8(model, train.dataset, epochs=args.epochs, learning_rate=args.lr,
+                               steps_per_epoch=args.steps, validation=test.dataset, verbose=2,
+                               pad_with_ones=args.pad_with_ones)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     save_model_atomic(qmodel, args.output)
     print(f"int8 finetune model written to {args.output}")
     return 0

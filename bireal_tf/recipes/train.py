@@ -157,6 +157,9 @@ def main(argv=None):
         return 0
     try:
         recipe, fitted = build_recipe(args)
+        if args.int8_epochs and not recipe.pad_values:
+            raise ValueError("--int8-epochs needs binary convs that pad with +1: add --pad-values 1 "
+                             "(LCE's int8 binary conv has no zero padding).")
         precision, why = resolve_mixed_precision(args.mixed_precision, args.strategy, input_size(recipe))
         print(f"precision: {'mixed_' + precision if precision else 'float32'} ({why})", flush=True)
         if fitted:
