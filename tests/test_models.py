@@ -211,8 +211,12 @@ def _apply(model, names, x):
 @pytest.mark.parametrize("size", [32, 34])
 def test_symmetric_stride2_layers_equal_pytorch_arithmetic(size):
     rng = np.random.default_rng(3)
-    sym = BiRealNet18(input_shape=(size, size, 3), num_classes=3, padding="symmetric")
-    same = BiRealNet18(input_shape=(size, size, 3), num_classes=3, padding="same")
+    tf.keras.utils.set_random_seed(3)
+    # logits: a saturated softmax can hide the difference the last check looks for
+    sym = BiRealNet18(input_shape=(size, size, 3), num_classes=3, padding="symmetric",
+                      classifier_activation=None)
+    same = BiRealNet18(input_shape=(size, size, 3), num_classes=3, padding="same",
+                       classifier_activation=None)
     same.set_weights(sym.get_weights())
 
     x = rng.normal(size=(2, size, size, 3)).astype(np.float32)

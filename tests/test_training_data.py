@@ -3,6 +3,7 @@ and fitted to small images."""
 import csv
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,9 +107,17 @@ def test_options_on_the_command_line_win_over_the_small_image_settings():
     stage = recipe.stages[0]
     assert stage.augmentation == "adam" and recipe.pad_values == 0.0
     assert recipe.scaled_lr(stage) == pytest.approx(0.01)
-    # The paper recipe's SGD stages keep their learning rates; every stage drops augmentation.
-    paper, _ = build_recipe(parse_args(["r18_paper", "--dataset", "fashion_mnist_embedded"]))
-    assert [s.lr for s in paper.stages] == [s.lr for s in get_recipe("r18_paper").stages]
+    # The paper recipe's real-valued stages and BatchNorm retrain keep SGD and their learning
+    # rates; its binary stage trains with Adam; every stage drops augmentation.
+    paper, fitted = build_recipe(parse_args(["r18_paper", "--dataset", "fashion_mnist_embedded"]))
+    original = get_recipe("r18_paper")
+    for name in ("relu", "leaky_clip", "clip", "bn_retrain"):
+        assert paper.stage(name) == replace(original.stage(name), augmentation="none")
+    binary = paper.stage("binary")
+    assert (binary.optimizer, binary.schedule, binary.milestones, binary.epochs) == (
+        "adam", "linear", (), original.stage("binary").epochs)
+    assert paper.scaled_lr(binary) == pytest.approx(0.004 * paper.batch_size / 128)
+    assert fitted["binary stage"] == "Adam with linear decay in place of SGD"
     assert {s.augmentation for s in paper.stages} == {"none"}
 
 
