@@ -234,6 +234,11 @@ def raw_examples(name="fashion_mnist_embedded", split="test", *, n=8, data_dir=N
     return images, np.asarray(labels, np.int32)
 
 
+def profile_for(name):
+    """The preprocessing profile of dataset `name`: Fashion-MNIST's or ImageNet's."""
+    return FASHION_MNIST if name.startswith("fashion_mnist") else IMAGENET
+
+
 def eval_preprocess(images, name="fashion_mnist_embedded", image_size=None):
     """Apply the evaluation transform of dataset `name` to uint8 images; returns float32 [N, S, S, 3].
 
@@ -241,7 +246,7 @@ def eval_preprocess(images, name="fashion_mnist_embedded", image_size=None):
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
-    profile = FASHION_MNIST if name.startswith("fashion_mnist") else IMAGENET
+    profile = profile_for(name)
     size = int(image_size or profile.default_size)
     single = isinstance(images, np.ndarray) and images.ndim in (2, 3) and (images.ndim == 2 or images.shape[-1] in (1, 3))
     batch = [images] if single else list(images)

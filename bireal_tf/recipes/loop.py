@@ -524,11 +524,9 @@ class Trainer:
 
 def input_size(recipe) -> int:
     """The image size `recipe` trains at: its own, else its dataset's default."""
-    from bireal_tf.data.preprocessing import FASHION_MNIST, IMAGENET
+    from bireal_tf.data.pipeline import profile_for
 
-    if recipe.image_size:
-        return int(recipe.image_size)
-    return (FASHION_MNIST if recipe.dataset.startswith("fashion_mnist") else IMAGENET).default_size
+    return int(recipe.image_size or profile_for(recipe.dataset).default_size)
 
 
 def resolve_mixed_precision(requested, strategy="default", image_size=None):
