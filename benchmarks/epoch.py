@@ -66,14 +66,14 @@ def _per_step(calls, total_steps):
 def measure(epochs, limit_train, limit_eval, batch_size, verbose=0):
     """Run r18_adam on the embedded subset for `epochs`; the ratio per epoch and its parts."""
     from bireal_tf.recipes import get_recipe
-    from bireal_tf.recipes.loop import train
+    from bireal_tf.recipes import train_recipe
 
     recipe, _ = get_recipe("r18_adam").fit_to_data("fashion_mnist_embedded")
     recipe = recipe.with_overrides(dataset="fashion_mnist_embedded", epochs=epochs,
                                    batch_size=batch_size)
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
-        train(recipe, out, limit_train=limit_train, limit_eval=limit_eval, verbose=verbose,
+        train_recipe(recipe, out, limit_train=limit_train, limit_eval=limit_eval, verbose=verbose,
               callbacks=[timer])
     rows = []
     for epoch, wall in enumerate(timer.epochs):

@@ -9,7 +9,6 @@ ensure_keras2()
 
 from bireal_tf import quantizers  # noqa: E402  (registers them with Keras)
 from bireal_tf.quantizers import custom_objects  # noqa: E402
-from bireal_tf import fake_quant  # noqa: E402,F401  (registers FakeQuant, for int8 models)
 from bireal_tf.models import BiRealNet18, BiRealNet34, BiRealNet50, bireal_net  # noqa: E402
 
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ __all__ = [
     "cpu_flags",
     "library_versions",
     "quiet_larq",
+    "refuse_contradictions",
     "save_figure_atomic",
     "save_model_atomic",
 ]
@@ -124,3 +125,13 @@ def cpu_flags() -> set:
 def bf16_cpu_flags(flags=None) -> list:
     """The bfloat16 instruction sets among `flags` (default: this CPU's), e.g. ["amx_bf16"]."""
     return sorted((cpu_flags() if flags is None else set(flags)) & {"avx512_bf16", "amx_bf16"})
+
+
+def refuse_contradictions(kwargs, fixed, what):
+    """Raise ValueError if `kwargs` sets any of `fixed` to another value (pretrained
+    weights fix some arguments of the network they load into)."""
+    bad = {k: v for k, v in kwargs.items() if k in fixed and v != fixed[k]}
+    if bad:
+        wanted = ", ".join(f"{k}={fixed[k]!r}" for k in bad)
+        got = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        raise ValueError(f"{got} contradicts {what}, which need {wanted}; leave them out.")

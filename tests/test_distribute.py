@@ -42,13 +42,13 @@ strategy, out, init = sys.argv[1:4]
 if strategy != "multi_worker":  # two logical CPU devices: two replicas for "mirrored"
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from bireal_tf.recipes import get_recipe, train
+from bireal_tf.recipes import get_recipe, train_recipe
 recipe = get_recipe("r18_adam").with_overrides(
     dataset="fashion_mnist_embedded", image_size=32, batch_size={GLOBAL_BATCH}, epochs=2,
     steps_per_epoch=4, seed=5, augmentation="none", activation="relu", optimizer="sgd",
     schedule="constant", label_smoothing=0.0)
 recipe = recipe.with_overrides(lr={LR} * recipe.base_batch_size / {GLOBAL_BATCH})
-summary = train(recipe, out, strategy=strategy, init_weights=init, limit_train={GLOBAL_BATCH},
+summary = train_recipe(recipe, out, strategy=strategy, init_weights=init, limit_train={GLOBAL_BATCH},
                 limit_eval=32, verbose=1, validate=False, deterministic=True)
 print("REPLICAS", summary["replicas"])
 """

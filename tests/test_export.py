@@ -33,12 +33,11 @@ from bireal_tf.export import (
     export_tflite,
     float32_twin,
     lce_zero_padding_hazards,
-    mixed_precision_policies,
     sign_margins,
     size_floor,
 )
 from bireal_tf.export import convert as convert_module
-from bireal_tf.models import binary_conv_layers, bireal_net
+from bireal_tf.models import binary_conv_layers, bireal_net, mixed_precision_policies
 from tests.lce_utils import op_histogram
 
 REPO = Path(__file__).resolve().parents[1]

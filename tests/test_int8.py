@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf.export import ExportError, export_tflite
-from bireal_tf.export.int8 import fake_quant_layers, int8_model
+from bireal_tf.models import fake_quant_layers, int8_model
 from bireal_tf.export.files import load_keras_model
 from bireal_tf.models import binary_conv_layers, bireal_net
 from bireal_tf.recipes.int8 import finetune_int8

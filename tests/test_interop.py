@@ -7,7 +7,6 @@ import io
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,15 +17,8 @@ import pytest
 import tensorflow as tf
 
 import larq_zoo
-from bireal_tf.interop import (
-    CheckpointError,
-    WeightsUnavailableError,
-    from_larq_zoo,
-    from_pytorch,
-    load_checkpoint,
-    read_torch_zip,
-)
-from bireal_tf.models import BiRealNet18
+from bireal_tf.interop import CheckpointError, from_pytorch, load_checkpoint, read_torch_zip
+from bireal_tf.models import BiRealNet18, WeightsUnavailableError, from_larq_zoo
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MARKER = "BIREAL_TF_PICKLE_RAN_CODE"
@@ -532,7 +524,7 @@ def test_pytorch_outputs(tmp_path, depth, capsys):
 
 def test_larq_zoo_weights_into_a_training_net(tmp_path):
     """What --init-weights larq_zoo does: copy by name, leave a 10-class fc as it is."""
-    from bireal_tf.interop import load_larq_zoo_weights
+    from bireal_tf.models import load_larq_zoo_weights
 
     zoo = larq_zoo.literature.BiRealNet(weights=None, input_shape=(64, 64, 3))
     _randomize(zoo, seed=5)

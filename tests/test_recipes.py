@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf.models import binary_conv_layers
-from bireal_tf.recipes import RECIPES, Trainer, TrainingError, RunDirError, get_recipe
-from bireal_tf.recipes.loop import train  # the function; `bireal_tf.recipes.train` is also the CLI module
+from bireal_tf.recipes import Trainer, TrainingError, RunDirError, get_recipe
+from bireal_tf.recipes import train_recipe
 from bireal_tf.recipes.recipe import learning_rate_schedule, make_optimizer
 
 TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)
@@ -205,7 +205,7 @@ def test_output_dir_of_another_recipe_is_refused(tmp_path):
     (out / "precious.txt").write_text("keep me")
     recipe = get_recipe("r18_adam").with_overrides(epochs=1, **TINY)
     with pytest.raises(RunDirError, match="--overwrite"):
-        train(recipe, str(out), limit_train=32, limit_eval=16, verbose=0)
+        train_recipe(recipe, str(out), limit_train=32, limit_eval=16, verbose=0)
     assert (out / "precious.txt").read_text() == "keep me"
 
 
@@ -213,7 +213,7 @@ def test_output_dir_of_another_recipe_is_refused(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     recipe = get_recipe("r18_adam").with_overrides(epochs=2, **TINY)
-    train(recipe, out, limit_train=32, limit_eval=16, verbose=0, validate=False)
+    train_recipe(recipe, out, limit_train=32, limit_eval=16, verbose=0, validate=False)
     ckpt_dir = os.path.join(out, "stages", "0_binary", "checkpoints")
     good = tf.train.latest_checkpoint(ckpt_dir)
     assert good.endswith("ckpt-2")
@@ -221,7 +221,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     os.remove(os.path.join(out, "stages", "0_binary", "model.keras"))
     broken = recipe.with_overrides(epochs=4, lr=float("nan"))
     with pytest.raises(TrainingError, match="NaN.*epoch 3.*ckpt-2"):
-        train(broken, out, limit_train=32, limit_eval=16, verbose=0, validate=False)
+        train_recipe(broken, out, limit_train=32, limit_eval=16, verbose=0, validate=False)
     assert tf.train.latest_checkpoint(ckpt_dir) == good
     reader = tf.train.load_checkpoint(good)
     for name in reader.get_variable_to_shape_map():
@@ -235,7 +235,7 @@ def test_bfloat16_run_trains_saves_and_exports_and_leaves_the_policy_as_it_was(t
 
     out = str(tmp_path / "bf16")
     recipe = get_recipe("r18_adam").with_overrides(epochs=1, pad_values=1.0, **TINY)
-    summary = train(recipe, out, limit_train=32, limit_eval=16, verbose=0, validate=False,
+    summary = train_recipe(recipe, out, limit_train=32, limit_eval=16, verbose=0, validate=False,
                     mixed_precision="bfloat16")
     assert tf.keras.mixed_precision.global_policy().name == "float32"
     assert summary["mixed_precision"] == "bfloat16" and np.isfinite(summary["test_loss"])
@@ -256,7 +256,7 @@ def test_steps_per_execution_runs_the_same_steps(tmp_path):
     recipe = get_recipe("r18_adam").with_overrides(epochs=1, **dict(TINY, steps_per_epoch=5))
     weights = []
     for k in (1, 4):
-        summary = train(recipe, str(tmp_path / f"spe{k}"), limit_train=80, limit_eval=16,
+        summary = train_recipe(recipe, str(tmp_path / f"spe{k}"), limit_train=80, limit_eval=16,
                         verbose=0, validate=False, steps_per_execution=k)
         assert summary["steps_per_execution"] == k
         weights.append(tf.keras.models.load_model(summary["model"]).get_weights())
@@ -312,7 +312,7 @@ def test_paper_pipeline_runs_all_five_stages(tmp_path):
     assert os.listdir(os.path.join(out, "logs"))
 
     # Resuming a finished pipeline at a later stage reuses the earlier stages' models.
-    again = train(recipe, out, limit_train=64, limit_eval=32, verbose=0)
+    again = train_recipe(recipe, out, limit_train=64, limit_eval=32, verbose=0)
     assert again["top1"] == pytest.approx(summary["top1"])
 
 

@@ -292,7 +292,7 @@ def test_precision_auto_is_announced_first_and_recorded(tmp_path, capsys):
 @pytest.mark.slow  # a run and an int8 finetune: about a minute
 def test_int8_epochs_finetunes_the_trained_model_with_fake_quant(tmp_path, capsys):
     from bireal_tf.export.files import load_keras_model
-    from bireal_tf.export.int8 import fake_quant_layers
+    from bireal_tf.models import fake_quant_layers
 
     out = tmp_path / "run"
     assert main(["r18_adam", *TINY_ARGS, "--epochs", "1", "--no-validate", "--output-dir", str(out),

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from bireal_tf.data import folder
 from bireal_tf.recipes import get_recipe
-from bireal_tf.recipes.loop import train  # the function; `bireal_tf.recipes.train` is also the CLI module
+from bireal_tf.recipes import train_recipe
 from bireal_tf.recipes.train import build_recipe, parse_args
 
 TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)
@@ -46,7 +46,7 @@ def test_an_epochs_data_are_not_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setattr(folder, "find_corrupt", counting_find_corrupt)
     recipe = get_recipe("r18_adam").with_overrides(
         dataset="folder", epochs=3, batch_size=4, image_size=32, steps_per_epoch=2, pad_values=1.0)
-    summary = train(recipe, str(tmp_path / "run"), data_dir=str(tmp_path / "tree"), verbose=0)
+    summary = train_recipe(recipe, str(tmp_path / "run"), data_dir=str(tmp_path / "tree"), verbose=0)
     with open(tmp_path / "run" / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]  # three epochs ran
     assert sorted(calls["list_split"]) == ["test", "train"]  # once each, for the stage
@@ -58,7 +58,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capfd):
     out = tmp_path / "run"
     recipe = get_recipe("r18_adam").with_overrides(epochs=3, **TINY)
     kwargs = dict(limit_train=32, limit_eval=16, verbose=1, validate=False)
-    train(recipe.with_overrides(epochs=3), str(out), **kwargs)
+    train_recipe(recipe.with_overrides(epochs=3), str(out), **kwargs)
     stage = out / "stages" / "0_binary"
     with open(out / "metrics.csv") as f:
         first_rows = list(csv.DictReader(f))
@@ -68,7 +68,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capfd):
     data = stage / "checkpoints" / "ckpt-3.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     capfd.readouterr()
-    train(recipe, str(out), **kwargs)
+    train_recipe(recipe, str(out), **kwargs)
     out_text, err_text = capfd.readouterr()
     assert "ckpt-3" in err_text and "cannot be read" in err_text, err_text
     assert "resuming after epoch 2 from" in out_text and "ckpt-2" in out_text, out_text

@@ -8,27 +8,23 @@ or `python -m bireal_tf.export MODEL -o model.tflite --report report.json`.
 The report (keys in docs/export_report_schema.md) holds the op histogram, the
 binary conv check, Keras-vs-.tflite parity, the size beside its floor and the
 host latency (not device latency).
+
+export/ converts, checks and reports; what it converts is built on the model side
+(`bireal_tf.models`, including `int8_model` for int8 files).
 """
 
 from bireal_tf.export.checks import ParitySettings, lce_zero_padding_hazards, sign_margins
-from bireal_tf.export.convert import (
-    ExportWarning,
-    LatencySettings,
-    export_tflite,
-    float32_twin,
-    mixed_precision_policies,
-    size_floor,
-)
+from bireal_tf.export.convert import ExportWarning, LatencySettings, export_tflite, float32_twin
 from bireal_tf.export.files import ExportError, ModelFileError, load_keras_model, read_flatbuffer_file
 from bireal_tf.export.flatbuffer import LCE_OPS, op_histogram
-from bireal_tf.export.int8 import FakeQuant, fake_quant_layers, int8_model
 from bireal_tf.export.report import SCHEMA_VERSION, ExportReport
 from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
+from bireal_tf.export.size import int8_size_floor, size_floor
 
 __all__ = [
     "HOST_LATENCY_NOTE", "LCE_OPS", "SCHEMA_VERSION", "ExportError", "ExportReport",
-    "ExportWarning", "FakeQuant", "LatencySettings", "ModelFileError", "ParitySettings", "TFLiteRunner",
-    "export_tflite", "fake_quant_layers", "float32_twin", "int8_model", "lce_zero_padding_hazards", "load_keras_model",
-    "measure_latency", "mixed_precision_policies", "op_histogram", "read_flatbuffer_file",
+    "ExportWarning", "LatencySettings", "ModelFileError", "ParitySettings", "TFLiteRunner",
+    "export_tflite", "float32_twin", "int8_size_floor", "lce_zero_padding_hazards",
+    "load_keras_model", "measure_latency", "op_histogram", "read_flatbuffer_file",
     "sign_margins", "size_floor",
 ]

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-mismatch", action="store_true",
                    help="export even if the .tflite outputs disagree with Keras; the report warns")
     p.add_argument("--int8", action="store_true",
-                   help="int8 input and output (a model made by bireal_tf.export.int8_model and "
+                   help="int8 input and output (a model made by bireal_tf.models.int8_model and "
                         "finetuned with fake quantization; refused otherwise)")
     p.add_argument("--no-benchmark", dest="benchmark", action="store_false",
                    help="skip the host latency measurement")

@@ -9,17 +9,19 @@ every pre-sign activation at least `sign_margin` x its layer's max away from zer
 """
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from bireal_tf.export.flatbuffer import TFLiteGraph, unpack_bconv_filter
-from bireal_tf.export.report import ParityCheck
+from bireal_tf.export.report import Int8Check, ParityCheck
 from bireal_tf.export.runtime import TFLiteRunner
 from bireal_tf.models import binary_conv_layers
+from bireal_tf.models.int8 import fake_quant_layers
 
-__all__ = ["ParitySettings", "compare_outputs", "float_binary_convs", "lce_zero_padding_hazards",
-           "sign_margins"]
+__all__ = ["ParitySettings", "compare_outputs", "float_binary_convs", "int8_check",
+           "lce_zero_padding_hazards", "sign_margins"]
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,14 @@ def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySet
         ok=verdict in ("exact", "sign_flips", "inconclusive", "int8_top1"),
     )
     return check, keras
+
+
+def int8_check(model, graph):
+    """Int8Check of a converted model: its integer ops and the float ops left, by name.
+
+    An op is a float op when it reads or writes a float32 activation (its
+    constant float parameters, such as LceBconv2d's folded BatchNorm, aside).
+    """
+    float_ops = Counter(op.name for op in graph.float_ops())
+    return Int8Check(len(fake_quant_layers(model)), len(graph.ops) - sum(float_ops.values()),
+                     dict(sorted(float_ops.items())))

@@ -16,7 +16,6 @@ A failed check raises `ExportError` and writes nothing, unless allowed
 wrong and `warnings.warn` repeats it.
 """
 
-import math
 import os
 import platform
 import time
@@ -26,17 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from bireal_tf.export.checks import (ParitySettings, compare_outputs, float_binary_convs,
-                                     lce_zero_padding_hazards, sign_margins)
+                                     int8_check, lce_zero_padding_hazards, sign_margins)
 from bireal_tf.export.files import (ExportError, ModelFileError, check_output_path, first_line,
                                     load_keras_model)
 from bireal_tf.export.flatbuffer import TFLiteGraph
-from bireal_tf.export.int8 import fake_quant_layers, int8_check, int8_size_floor
-from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency, SizeCheck
+from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency
 from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
+from bireal_tf.export.size import int8_size_floor, size_floor
+from bireal_tf.models.int8 import fake_quant_layers
+from bireal_tf.models.precision import float32_config, mixed_precision_policies
 from bireal_tf.utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["ExportWarning", "LatencySettings", "convert", "export_tflite", "float32_twin",
-           "mixed_precision_policies", "size_floor"]
+__all__ = ["ExportWarning", "LatencySettings", "convert", "export_tflite", "float32_twin"]
 
 _ZERO_PADDING = (
     "LCE's optimized LceBconv2d kernel computes zero padding (pad_values=0.0) wrongly when "
@@ -76,46 +76,6 @@ def convert(model, io_type: str = "float32") -> tuple[bytes, float]:
     return bytes(flatbuffer), time.perf_counter() - start
 
 
-def size_floor(model) -> SizeCheck:
-    """The smallest the weights can be stored in, by Larq's `ModelProfile` (file_bytes 0).
-
-    floor_bits = sum over weights of bits x count: 1 bit per binary weight (a
-    quantized kernel of precision 1), 32 per other weight, BatchNorm folded to 2
-    per channel (a scale and an offset). The binary kernels' per-channel magnitude
-    scale folds into that BatchNorm scale.
-    """
-    import larq as lq
-    import tensorflow as tf
-
-    profiles = lq.models.ModelProfile(model).layer_profiles
-    binary = sum(p.weight_count(bitwidth=1) for p in profiles)
-    bn = sum(p.weight_count() for p in profiles
-             if isinstance(model.get_layer(p.name), tf.keras.layers.BatchNormalization))
-    floor = math.ceil(sum(p.memory for p in profiles) / 8)
-    rest = sum(p.weight_count() for p in profiles) - binary - bn
-    return SizeCheck(0, floor, 0.0, binary, rest, bn, 32, 0)
-
-
-def mixed_precision_policies(model) -> set:
-    """The mixed dtype policies (e.g. {"mixed_bfloat16"}) of `model`'s layers; empty if none."""
-    import tensorflow as tf
-
-    layers = [model] + [m for m in model.submodules if isinstance(m, tf.keras.layers.Layer)]
-    return {layer.dtype_policy.name for layer in layers if layer.dtype_policy.name.startswith("mixed_")}
-
-
-def _float32_config(config):
-    """A Keras config with every mixed dtype policy replaced by "float32"."""
-    if isinstance(config, list):
-        return [_float32_config(c) for c in config]
-    if not isinstance(config, dict):
-        return config
-    if "Policy" in str(config.get("class_name")) and str(
-            config.get("config", {}).get("name")).startswith("mixed_"):
-        return "float32"
-    return {k: _float32_config(v) for k, v in config.items()}
-
-
 def float32_twin(model, input_shape=None):
     """The same network and weights with every layer computing in float32.
 
@@ -141,7 +101,7 @@ def float32_twin(model, input_shape=None):
     if not mixed_precision_policies(model) and (input_shape is None or input_shape == shape):
         return model
     try:
-        config = _float32_config(model.get_config())
+        config = float32_config(model.get_config())
         if input_shape is not None:
             (layer,) = [c for c in config["layers"] if c["class_name"] == "InputLayer"]
             layer["config"]["batch_input_shape"] = (None,) + input_shape
@@ -217,7 +177,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         parity: ParitySettings (number of inputs, tolerances, sign margin).
         latency: LatencySettings for the host latency, or None to skip it.
         io_type: "float32", or "int8" for int8 input and output, which needs a model
-            with fake-quant ops (`bireal_tf.export.int8_model`, finetuned). Such a model
+            with fake-quant ops (`bireal_tf.models.int8_model`, finetuned). Such a model
             is converted to int8 ops with either io_type; its parity uses the int8
             tolerance (`ParitySettings.int8_rtol`), its size the int8 floor.
         input_shape: (H, W, C) for a model whose input has free dimensions.
@@ -263,7 +223,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         raise ExportError(
             f"int8 I/O needs a model trained with fake quantization: model '{model.name}' has no "
             "FakeQuant layer, so LCE has no int8 ranges for it. Make one with "
-            "bireal_tf.export.int8_model(model), finetune it for a few epochs "
+            "bireal_tf.models.int8_model(model), finetune it for a few epochs "
             "(`python -m bireal_tf.recipes.int8 MODEL -o OUT.keras --epochs N`, or "
             "bireal_tf.recipes.int8.finetune_int8), and export the saved .keras.")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bireal_tf.interop.torch_reader import CheckpointError, read_torch_zip
+from bireal_tf.utils import refuse_contradictions
 
 __all__ = ["checkpoint_info", "from_pytorch", "load_checkpoint"]
 
@@ -32,15 +33,6 @@ _R50_BLOCKS = 16
 _FIXED = dict(padding="symmetric", bn_epsilon=1e-5, pad_values=0.0, activation="binary",
               kernel_quantizer=None, weights=None)
 _IGNORED = re.compile(r"(.*\.num_batches_tracked|layers\.0\.down_conv1x1\.weight)")
-
-
-def refuse_contradictions(kwargs, fixed, what):
-    """Raise if `kwargs` sets any of `fixed` to another value (they would not fit the weights)."""
-    bad = {k: v for k, v in kwargs.items() if k in fixed and v != fixed[k]}
-    if bad:
-        wanted = ", ".join(f"{k}={fixed[k]!r}" for k in bad)
-        got = ", ".join(f"{k}={v!r}" for k, v in bad.items())
-        raise ValueError(f"{got} contradicts {what}, which need {wanted}; leave them out.")
 
 
 def _torch_module():

@@ -1,7 +1,15 @@
-"""Bi-Real Net 18 / 34 / 50 built from Larq layers."""
+"""Bi-Real Net 18 / 34 / 50 built from Larq layers, their pretrained weights and model transforms.
+
+    bireal.py     the builders (BiRealNet18/34/50, bireal_net) and from_larq_zoo
+    layers.py     the padding layers of the authors' arithmetic
+    larq_zoo.py   larq-zoo's weights file: fetch, read, assign (builds no network)
+    int8.py       the int8 training model: FakeQuant, Int8Kernel, int8_model
+    precision.py  mixed precision policies and a model's float32 config
+"""
 
 from bireal_tf.models.bireal import (
     ACTIVATIONS,
+    BLOCKS,
     DEPTHS,
     MIN_INPUT_SIZE,
     PADDINGS,
@@ -10,11 +18,16 @@ from bireal_tf.models.bireal import (
     BiRealNet50,
     binary_conv_layers,
     bireal_net,
+    from_larq_zoo,
 )
-from bireal_tf.models.layers import ConstantPadding2D, Subsample2D
+from bireal_tf.models.int8 import FakeQuant, Int8Kernel, fake_quant_layers, int8_model
+from bireal_tf.models.larq_zoo import WeightsUnavailableError, load_larq_zoo_weights
+from bireal_tf.models.layers import ConstantPadding2D, LearnableBias, Subsample2D
+from bireal_tf.models.precision import float32_config, mixed_precision_policies
 
 __all__ = [
     "ACTIVATIONS",
+    "BLOCKS",
     "DEPTHS",
     "MIN_INPUT_SIZE",
     "PADDINGS",
@@ -24,5 +37,15 @@ __all__ = [
     "binary_conv_layers",
     "bireal_net",
     "ConstantPadding2D",
+    "FakeQuant",
+    "Int8Kernel",
+    "LearnableBias",
     "Subsample2D",
+    "WeightsUnavailableError",
+    "fake_quant_layers",
+    "float32_config",
+    "from_larq_zoo",
+    "int8_model",
+    "load_larq_zoo_weights",
+    "mixed_precision_policies",
 ]

@@ -23,6 +23,15 @@ Options shared by the three networks:
   authors' PyTorch arithmetic at every stride-2 layer, for their checkpoints).
 - `pad_values`: what binary convs pad their binarized input with: 0.0 (the
   authors) or 1.0 (LCE's faster kernels on device).
+- `block` (18 and 34 layers): "bireal", or "react" for ReActNet's block on the
+  same structure (Liu et al., ECCV 2020; their resnet/2_step2/birealnet.py):
+
+      y = BN(BinConv3x3(sign(x + move0))) + shortcut(x)
+      out = PReLU_c(y + move1) + move2          (RPReLU; move*: LearnableBias)
+
+  with the binary weights' clip STE unscaled (`MagnitudeAwareSign(scale_gradient=False)`).
+- `binary_weights=False`: binary activations with real-valued weights in the same
+  convs, ReActNet's first training step.
 """
 
 import dataclasses
@@ -31,11 +40,13 @@ import larq as lq
 import tensorflow as tf
 
 from bireal_tf import quantizers
-from bireal_tf.models.layers import ConstantPadding2D, Subsample2D
-from bireal_tf.utils import quiet_larq
+from bireal_tf.models import larq_zoo
+from bireal_tf.models.layers import ConstantPadding2D, LearnableBias, Subsample2D
+from bireal_tf.utils import quiet_larq, refuse_contradictions
 
 ACTIVATIONS = ("binary",) + tuple(quantizers.REAL_ACTIVATIONS)
 PADDINGS = ("same", "symmetric")
+BLOCKS = ("bireal", "react")
 DEPTHS = (18, 34, 50)
 MIN_INPUT_SIZE = 32  # five stride-2 steps: 32 px leave a 1x1 map before the pool
 
@@ -48,6 +59,8 @@ class _Ops:
     architecture reads plainly."""
 
     activation: str = "binary"
+    block: str = "bireal"
+    binary_weights: bool = True
     padding: str = "same"
     pad_values: float = 0.0
     bn_epsilon: float = 1e-5
@@ -59,8 +72,10 @@ class _Ops:
     def new_kernel_quantizer(self):
         """One quantizer object per conv, so per-layer state (Larq metrics) stays apart."""
         q = self.kernel_quantizer
-        if q is None:
-            return quantizers.MagnitudeAwareSign()
+        if not self.binary_weights:
+            return None  # real-valued weights (ReActNet's step 1)
+        if q is None:  # ReActNet's HardBinaryConv: the clip STE without the scale
+            return quantizers.MagnitudeAwareSign(scale_gradient=self.block != "react")
         if isinstance(q, tf.keras.layers.Layer):
             return q.__class__.from_config(q.get_config())
         return q  # a string alias or a plain function: Larq resolves it per layer
@@ -68,6 +83,24 @@ class _Ops:
     @property
     def binary(self):
         return self.activation == "binary"
+
+    @property
+    def react(self):
+        return self.block == "react"
+
+    def shift(self, x, name):
+        """ReActNet's learnable per-channel shift (`move0`, `move1`, `move2`)."""
+        return LearnableBias(name=name)(x)
+
+    def rprelu(self, x, name):
+        """ReActNet's RPReLU after the residual add: move1 -> PReLU (per channel) -> move2.
+
+        torch's nn.PReLU(C) starts every slope at 0.25; so does this one.
+        """
+        x = self.shift(x, name + "_move1")
+        x = _layers.PReLU(alpha_initializer=tf.keras.initializers.Constant(0.25),
+                          shared_axes=[1, 2], name=name + "_prelu")(x)
+        return self.shift(x, name + "_move2")
 
     def bn(self, x, name):
         return _layers.BatchNormalization(
@@ -138,9 +171,11 @@ class _Ops:
         return _layers.AveragePooling2D(2, strides=2, padding="same", name=name)(x)
 
 
-def _check_args(activation, padding, num_classes, include_top, input_shape, pooling):
+def _check_args(activation, padding, num_classes, include_top, input_shape, pooling, block):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}.")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
     if include_top and (not isinstance(num_classes, int) or num_classes < 1):
@@ -165,11 +200,12 @@ def _network(build_body, name, *, input_shape, input_tensor, num_classes, includ
     ops = _Ops(**options)
     if input_shape is None and input_tensor is None:
         input_shape = (224, 224, 3)
-    _check_args(ops.activation, ops.padding, num_classes, include_top, input_shape, pooling)
+    _check_args(ops.activation, ops.padding, num_classes, include_top, input_shape, pooling,
+                ops.block)
     if weights == "larq_zoo":
         raise ValueError(
             "weights='larq_zoo' exists for the 18-layer net only (larq-zoo publishes Bi-Real-18); "
-            "use BiRealNet18(weights='larq_zoo') or bireal_tf.interop.from_larq_zoo()."
+            "use BiRealNet18(weights='larq_zoo') or bireal_tf.models.from_larq_zoo()."
         )
     if weights is not None and (not isinstance(weights, str) or weights == "imagenet"):
         raise ValueError(
@@ -195,7 +231,8 @@ def _network(build_body, name, *, input_shape, input_tensor, num_classes, includ
 
     if input_tensor is not None:
         inputs = tf.keras.utils.get_source_inputs(input_tensor)
-    suffix = "" if ops.activation == "binary" else f"_{ops.activation}"
+    suffix = ("_react" if ops.react else "") + ("" if ops.binary_weights else "_real_weights")
+    suffix += "" if ops.activation == "binary" else f"_{ops.activation}"
     model = tf.keras.Model(inputs, x, name=f"{name}{suffix}")
     if weights is not None:
         from bireal_tf.quantizers import custom_objects
@@ -206,7 +243,8 @@ def _network(build_body, name, *, input_shape, input_tensor, num_classes, includ
 
 
 def _basic_body(blocks_per_stage):
-    """Stages of the 18/34-layer nets: y = BN(BinConv3x3(sign(x))) + shortcut(x)."""
+    """Stages of the 18/34-layer nets: y = BN(BinConv3x3(sign(x))) + shortcut(x);
+    with ReActNet's block, sign(x + move0) and RPReLU after the add."""
 
     def body(ops, x):
         in_filters = 64
@@ -221,9 +259,12 @@ def _basic_body(blocks_per_stage):
                     shortcut = ops.avg_pool(x, f"{name}_downsample_0")
                     shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
                     shortcut = ops.bn(shortcut, f"{name}_downsample_2")
-                y = ops.block_conv(x, filters, 3, strides, f"{name}_binary_conv")
+                y = ops.shift(x, f"{name}_move0") if ops.react else x
+                y = ops.block_conv(y, filters, 3, strides, f"{name}_binary_conv")
                 y = ops.bn(y, f"{name}_bn1")
                 x = _layers.Add(name=f"{name}_add")([y, shortcut])
+                if ops.react:
+                    x = ops.rprelu(x, name)
                 in_filters = filters
         return x
 
@@ -245,6 +286,11 @@ def _bottleneck_body(blocks_per_stage):
     """
 
     def body(ops, x):
+        if ops.react:
+            raise ValueError(
+                "block='react' exists for Bi-Real Net 18 and 34 only: ReActNet published its "
+                "block on the 18/34-layer structure (resnet/2_step2/birealnet.py) and no "
+                "50-layer version. Use BiRealNet18/34(block='react'), or block='bireal' for 50.")
         mid, out = x, x
         index = 0
         for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, (256, 512, 1024, 2048))):
@@ -298,7 +344,7 @@ _DOC_ARGS = """
         num_classes: number of classes of the top (>= 1).
         include_top: whether to add global average pooling and the `fc` layer.
         weights: None (random init), the path of a weights file to load, or (18 layers
-            only) "larq_zoo": larq-zoo's ImageNet weights (`bireal_tf.interop.from_larq_zoo`),
+            only) "larq_zoo": larq-zoo's ImageNet weights (`from_larq_zoo`),
             in larq-zoo's conventions (BatchNorm epsilon 1e-3 and momentum 0.8, weight_clip
             on the binary kernels, whatever is passed for those); padding, activation,
             pad_values or num_classes that contradict the weights are refused.
@@ -310,7 +356,12 @@ _DOC_ARGS = """
         bn_epsilon, bn_momentum: BatchNorm settings; the authors' 1e-5 and 0.9
             (torch's 0.1) by default; larq-zoo uses 1e-3 and 0.8.
         kernel_quantizer: weight quantizer of the binary convs; default
-            `MagnitudeAwareSign()`. The BatchNorm-retrain stage passes "ste_sign".
+            `MagnitudeAwareSign()` (`scale_gradient=False` with block="react"). The
+            BatchNorm-retrain stage passes "ste_sign".
+        block: "bireal", or "react" (18 and 34 layers): ReActNet's learnable shifts
+            before the sign and RPReLU after the residual add.
+        binary_weights: False keeps the binary convs' weights real-valued (binary
+            activations only: ReActNet's first step).
         kernel_constraint: constraint of the binary kernels; None as the authors
             (their gradient is zero outside [-1, 1]), "weight_clip" as larq-zoo.
         kernel_initializer: initializer of every conv kernel.
@@ -323,17 +374,13 @@ def BiRealNet18(input_shape=None, input_tensor=None, num_classes=1000, include_t
                 weights=None, pooling=None, classifier_activation="softmax", *,
                 activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
                 bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-                kernel_initializer="glorot_normal"):
+                kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
     arguments = dict(locals())  # every argument above, passed on by name
     if weights == "larq_zoo":
-        from bireal_tf.interop import from_larq_zoo
-
-        return from_larq_zoo(
-            input_shape=input_shape, input_tensor=input_tensor, num_classes=num_classes,
-            include_top=include_top, pooling=pooling,
-            classifier_activation=classifier_activation, activation=activation,
-            padding=padding, pad_values=pad_values, kernel_quantizer=kernel_quantizer,
-            kernel_initializer=kernel_initializer)
+        # larq-zoo's BatchNorm and weight clip, whatever is passed for those (documented)
+        for name in ("weights", "include_top", "bn_epsilon", "bn_momentum", "kernel_constraint"):
+            del arguments[name]
+        return from_larq_zoo(None, include_top, **arguments)
     return _network(_basic_body((4, 4, 4, 4)), "birealnet18", **arguments)
 
 
@@ -341,7 +388,7 @@ def BiRealNet34(input_shape=None, input_tensor=None, num_classes=1000, include_t
                 weights=None, pooling=None, classifier_activation="softmax", *,
                 activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
                 bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-                kernel_initializer="glorot_normal"):
+                kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
     arguments = dict(locals())  # every argument above, passed on by name
     return _network(_basic_body((6, 8, 12, 6)), "birealnet34", **arguments)
 
@@ -350,7 +397,7 @@ def BiRealNet50(input_shape=None, input_tensor=None, num_classes=1000, include_t
                 weights=None, pooling=None, classifier_activation="softmax", *,
                 activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
                 bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-                kernel_initializer="glorot_normal"):
+                kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
     arguments = dict(locals())  # every argument above, passed on by name
     return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", **arguments)
 
@@ -361,6 +408,39 @@ BiRealNet50.__doc__ = (
     "Bi-Real Net 50: 47 binary convs (1x1, 3x3, 1x1) in [3, 4, 6, 3] two-stream "
     "bottleneck blocks.\n" + _DOC_ARGS
 )
+
+
+def from_larq_zoo(path=None, include_top=True, **model_kwargs):
+    """Our Bi-Real-18 with larq-zoo's ImageNet weights (57.47% top-1 as published by larq-zoo).
+
+    Args:
+        path: a larq-zoo `.h5` weights file (no network used); None fetches larq-zoo's
+            published file (with or without the top) through larq-zoo's own download
+            helper, which checks its SHA-256 and caches it.
+        include_top: with the 1000-class classifier. The with-top file also loads
+            into a net without the top.
+        **model_kwargs: passed to `BiRealNet18` (input_shape, input_tensor, pooling,
+            classifier_activation, bn_momentum, kernel_constraint). Arguments that
+            contradict the weights (num_classes other than 1000 with the top,
+            padding="symmetric", activation other than "binary", another bn_epsilon
+            or pad_values) are refused.
+
+    Raises:
+        WeightsUnavailableError: no network; names the file, its address and the
+            cache path where a copy can be put by hand.
+    """
+    refuse_contradictions(model_kwargs, larq_zoo.FIXED, "larq-zoo's Bi-Real-18 weights")
+    if include_top and model_kwargs.get("num_classes", 1000) != 1000:
+        raise ValueError(
+            f"num_classes={model_kwargs['num_classes']} contradicts larq-zoo's weights with "
+            "the top (1000 ImageNet classes); use include_top=False and add your own classifier."
+        )
+    kwargs = dict(larq_zoo.CONVENTIONS, num_classes=1000)
+    kwargs.update(model_kwargs, include_top=include_top, weights=None)
+    model = BiRealNet18(**kwargs)
+    larq_zoo.assign_larq_zoo_weights(model, path, include_top)
+    return model
+
 
 _BUILDERS = {18: BiRealNet18, 34: BiRealNet34, 50: BiRealNet50}
 

@@ -1,8 +1,8 @@
-"""Small layers for the authors' ("symmetric") padding arithmetic.
+"""Small layers: the authors' ("symmetric") padding arithmetic and ReActNet's learnable shift.
 
 PyTorch pads stride-2 layers on both sides; TF's `padding="same"` pads only at
-the bottom/right on even sizes. These layers reproduce PyTorch's windows
-exactly while keeping every binary conv in a form LCE binarizes.
+the bottom/right on even sizes. ConstantPadding2D and Subsample2D reproduce
+PyTorch's windows exactly while keeping every binary conv in a form LCE binarizes.
 """
 
 import tensorflow as tf
@@ -60,3 +60,21 @@ class Subsample2D(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "stride": self.stride}
+
+
+@tf.keras.utils.register_keras_serializable(package="bireal_tf")
+class LearnableBias(tf.keras.layers.Layer):
+    """ReActNet's learnable shift, one value per channel: `y = x + b_c` (b starts at 0).
+
+    Before a sign it moves the threshold (RSign: sign(x + b) = sign(x - alpha) with
+    alpha = -b); around a PReLU it moves the kink (RPReLU). The shift is trained; its
+    gradient is the sum of the incoming gradient over batch, height and width.
+    LCE converts it to an ADD of a constant, which the following LceQuantize reads.
+    """
+
+    def build(self, input_shape):
+        self.bias = self.add_weight("bias", shape=(int(input_shape[-1]),), initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return inputs + tf.cast(self.bias, inputs.dtype)

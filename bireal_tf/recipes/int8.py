@@ -17,7 +17,7 @@ import sys
 
 import tensorflow as tf
 
-from bireal_tf.export.int8 import fake_quant_layers, int8_model
+from bireal_tf.models.int8 import fake_quant_layers, int8_model
 
 __all__ = ["finetune_int8", "int8_stage", "main"]
 

@@ -283,9 +283,7 @@ class Trainer:
     def _load_initial_weights(self, model, path):
         """Weights of a saved model or weights file, matched by layer name."""
         if path == "larq_zoo":  # larq-zoo's ImageNet Bi-Real-18, fetched through larq-zoo
-            from bireal_tf.interop import load_larq_zoo_weights
-
-            return self._say(load_larq_zoo_weights(model))
+            return self._say(models.load_larq_zoo_weights(model))
         if not os.path.exists(path):
             raise TrainingError(f"--init-weights {path} does not exist.")
         if path.endswith(".keras") or os.path.isdir(path):
@@ -308,7 +306,7 @@ class Trainer:
 
     def run(self):
         # The policy is process-global: set it for this run only, so models built after
-        # `train(...)` in the same notebook are float32 again.
+        # `train_recipe(...)` in the same notebook are float32 again.
         previous_policy = tf.keras.mixed_precision.global_policy()
         if self.mixed_precision:
             tf.keras.mixed_precision.set_global_policy(f"mixed_{self.mixed_precision}")
@@ -553,6 +551,9 @@ def resolve_mixed_precision(requested, strategy="default", image_size=None):
     return "bfloat16", f"auto: this CPU has {' and '.join(flags)}"
 
 
-def train(recipe, output_dir, **kwargs):
-    """Run `recipe` into `output_dir`; returns the summary dict. See `Trainer`."""
+def train_recipe(recipe, output_dir, **kwargs):
+    """Run `recipe` into `output_dir`; returns the summary dict. See `Trainer`.
+
+    (Named so that no module shadows it: `bireal_tf.recipes.train` is the CLI module.)
+    """
     return Trainer(recipe, output_dir, **kwargs).run()

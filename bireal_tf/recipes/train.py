@@ -144,7 +144,7 @@ def main(argv=None):
     from bireal_tf.data import DataError
     from bireal_tf.export import ExportError
     from bireal_tf.recipes.loop import (STEPS_PER_EXECUTION, TrainingError, input_size,
-                                       resolve_mixed_precision, train)
+                                       resolve_mixed_precision, train_recipe)
     from bireal_tf.recipes.recipe import RECIPES
 
     if args.int8_epochs < 0:
@@ -167,7 +167,7 @@ def main(argv=None):
                   + ", ".join(f"{k} {v}" for k, v in fitted.items())
                   + " (small images; options given on the command line win)", flush=True)
         output_dir = args.output_dir or os.path.join("runs", recipe.name)
-        summary = train(
+        summary = train_recipe(
             recipe,
             output_dir,
             data_dir=args.data_dir,

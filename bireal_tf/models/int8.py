@@ -1,9 +1,27 @@
-"""int8 for the layers that are not binary: fake-quant placement for LCE (issue 12).
+"""int8 for the layers that are not binary: the quantization-aware training model (issue 12).
 
-`int8_model(model)` returns the same network with the same weights and a
-`FakeQuant` layer (bireal_tf.fake_quant) after every tensor that LCE's converter
-must store as int8, the placement of LCE's own int8 test model
-(larq_compute_engine/tests/end2end_test.py, `toy_model_int8`):
+A model transform, not an export step: training needs it (`bireal_tf.recipes.int8`),
+and `bireal_tf.export` only converts and checks what it produces.
+
+FakeQuant: an int8 fake-quantization point on an activation, its range tracked
+during training.
+
+    y = fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)
+
+rounds x onto the 256 levels of [lo, hi] (nudged so that 0 is a level) and
+passes the gradient straight through inside the range. LCE's converter turns
+such ops into int8 tensors (scale (hi - lo) / 255, a zero point) around the
+layers they follow, and lets an LceBconv2d whose output is fake-quantized write
+int8. The range is tracked, not trained: in training lo, hi move towards the
+batch's min and max by an exponential moving average (the first batch sets
+them), lo <= 0 <= hi; in inference they are fixed.
+
+Int8Kernel: the kernel quantizer of a real-valued conv or dense layer, the int8
+grid TFLite stores its weights on (symmetric, per output channel for convs).
+
+int8_model(model): the same network and weights with a FakeQuant after every
+tensor LCE's converter must store as int8, in the placement of LCE's own int8
+test model (larq_compute_engine/tests/end2end_test.py, `toy_model_int8`):
 
 - the image input;
 - every BatchNormalization (after the conv it folds into: stem, 1x1 shortcuts,
@@ -13,23 +31,96 @@ must store as int8, the placement of LCE's own int8 test model
 - the global average pool and the classifier (Dense).
 
 The real-valued convs and the classifier become Larq `QuantConv2D` / `QuantDense`
-with an `Int8Kernel` kernel quantizer: they train on the int8 grid TFLite stores
-their weights on (per output channel for convs, per tensor for the classifier),
+with an `Int8Kernel`: they train on the int8 grid TFLite stores their weights on,
 so the Keras model computes what the .tflite computes. On Fashion-MNIST (R18,
 32 px, 1,000 test images, ranges from 30 training batches, no finetune) this
-raised top-1 agreement with the .tflite from 0.970 to 0.988.
-
-Pooling, padding and the final activation keep their input's scale (TFLite's
-same-scale ops) and need no range of their own. The ranges start at [-6, 6]
-and are tracked while training (`FakeQuant`): finetune a few epochs before
-exporting with `export_tflite(..., io_type="int8")`.
+raised top-1 agreement with the .tflite from 0.970 to 0.988. Pooling, padding and
+the final activation keep their input's scale (TFLite's same-scale ops) and need
+no range of their own.
 """
 
+import larq as lq
 import tensorflow as tf
 
-from bireal_tf.fake_quant import FakeQuant, Int8Kernel
+from bireal_tf.models.precision import float32_config
 
-__all__ = ["FakeQuant", "Int8Kernel", "fake_quant_layers", "int8_model", "SUFFIX"]
+__all__ = ["FakeQuant", "Int8Kernel", "SUFFIX", "fake_quant_layers", "int8_model"]
+
+
+@tf.keras.utils.register_keras_serializable(package="bireal_tf")
+class FakeQuant(tf.keras.layers.Layer):
+    """Fake int8 quantization of its input, range tracked by a moving average (`momentum`)."""
+
+    def __init__(self, momentum: float = 0.99, num_bits: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
+        self.momentum = float(momentum)
+        self.num_bits = int(num_bits)
+
+    def build(self, input_shape):
+        opts = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.MEAN)
+        self.range_min = self.add_weight("range_min", shape=(), initializer=tf.constant_initializer(-6.0), **opts)
+        self.range_max = self.add_weight("range_max", shape=(), initializer=tf.constant_initializer(6.0), **opts)
+        self.updates_seen = self.add_weight("updates_seen", shape=(), initializer="zeros", **opts)
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        x = tf.cast(inputs, tf.float32)
+        if training:
+            # The first batch sets the range, later ones move it by the moving average.
+            m = tf.where(self.updates_seen > 0, self.momentum, 0.0)
+            lo = m * self.range_min + (1.0 - m) * tf.minimum(tf.reduce_min(x), 0.0)
+            hi = m * self.range_max + (1.0 - m) * tf.maximum(tf.reduce_max(x), 0.0)
+            self.range_min.assign(lo)
+            self.range_max.assign(hi)
+            self.updates_seen.assign_add(1.0)
+        lo = tf.minimum(self.range_min, 0.0)
+        hi = tf.maximum(self.range_max, lo + 1e-6)
+        y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=self.num_bits)
+        return tf.cast(y, inputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "num_bits": self.num_bits}
+
+
+@tf.keras.utils.register_keras_serializable(package="bireal_tf")
+class Int8Kernel(tf.keras.layers.Layer):
+    """Symmetric int8 fake quantization of a weight kernel (a Larq `kernel_quantizer`).
+
+        m_c = max |w[..., c]|                       (c: output channel; one m if per tensor)
+        q(w) = round(127 * w / m_c) * m_c / 127     in [-m_c, m_c], 255 levels, 0 exact
+
+    the grid of TFLite's int8 weights (zero point 0, scale m_c / 127). Gradient: straight
+    through, m_c held constant (every weight is inside its range).
+
+    Per channel, a later BatchNorm folded in by the converter scales channel c by s_c and
+    the converter's grid by |s_c| alike, so the folded int8 weights are exactly the
+    fake-quantized ones. Dense kernels are quantized per tensor: LCE's converter rejects a
+    per-channel fully-connected from fake quantization ("'tfl.transpose' op has
+    mismatched quantized axes").
+    """
+
+    precision = 8  # read by Larq's model summary and ModelProfile
+
+    def __init__(self, per_channel: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.per_channel = bool(per_channel)
+
+    def call(self, inputs):
+        w = tf.cast(inputs, tf.float32)
+        axes = list(range(w.shape.rank - 1)) if self.per_channel else None
+        m = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 1e-8))
+        if self.per_channel:
+            q = tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, num_bits=8, narrow_range=True)
+        else:
+            q = tf.quantization.fake_quant_with_min_max_vars(w, -m, m, num_bits=8, narrow_range=True)
+        return tf.cast(q, inputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "per_channel": self.per_channel}
+
 
 SUFFIX = "_fq"
 
@@ -118,11 +209,9 @@ def int8_model(model, momentum: float = 0.99, pad_with_ones: bool = False) -> tf
             model, "_is_graph_network", False):
         raise ValueError(f"int8_model takes a functional Keras model, got {type(model).__name__}; "
                          "build the network with bireal_tf.bireal_net / BiRealNet18.")
-    from bireal_tf.export.convert import _float32_config
-
     # Fake quantization needs float32: a bfloat16 kernel cannot hold every int8 level
     # times its scale exactly. A model trained under a mixed policy gets its float32 twin.
-    config = _float32_config(model.get_config())
+    config = float32_config(model.get_config())
     zero_padded = _zero_padded_binary_convs(config)
     if zero_padded and not pad_with_ones:
         raise ValueError(
@@ -145,49 +234,8 @@ def int8_model(model, momentum: float = 0.99, pad_with_ones: bool = False) -> tf
             fq.update(name=mapping[name], inbound_nodes=[[[name, 0, 0, {}]]])
             layers.append(fq)
     config = dict(config, layers=layers, output_layers=_rename(config["output_layers"], mapping))
-    import larq as lq
-
     new = model.__class__.from_config(config, custom_objects={
         "QuantConv2D": lq.layers.QuantConv2D, "QuantDense": lq.layers.QuantDense})
     for layer in model.layers:
         new.get_layer(layer.name).set_weights(layer.get_weights())
     return new
-
-
-def int8_check(model, graph):
-    """Int8Check of a converted model: its integer ops and the float ops left, by name.
-
-    An op is a float op when it reads or writes a float32 activation (its
-    constant float parameters, such as LceBconv2d's folded BatchNorm, aside).
-    """
-    from collections import Counter
-
-    from bireal_tf.export.report import Int8Check
-
-    float_ops = Counter(op.name for op in graph.float_ops())
-    return Int8Check(len(fake_quant_layers(model)), len(graph.ops) - sum(float_ops.values()),
-                     dict(sorted(float_ops.items())))
-
-
-def int8_size_floor(model):
-    """SizeCheck (file_bytes 0) against the int8 floor of a model with fake-quant ops.
-
-        floor_bits = 1 * binary_params + 8 * (float_params + batchnorm_params)
-                     + 32 * scale_params
-
-    binary_params, float_params, batchnorm_params as in `size_floor` (BatchNorm
-    folded to 2 per channel); scale_params: one float32 scale per output channel of
-    each real-valued conv and dense kernel (TFLite's per-channel int8 weights).
-    """
-    import math
-
-    from bireal_tf.export.convert import size_floor
-    from bireal_tf.models import binary_conv_layers
-
-    size = size_floor(model)
-    binary = {layer.name for layer in binary_conv_layers(model)}
-    scales = sum(1 if len(layer.kernel.shape) == 2 else int(layer.kernel.shape[-1])
-                 for layer in model.layers if hasattr(layer, "kernel") and layer.name not in binary)
-    bits = size.binary_params + 8 * (size.float_params + size.batchnorm_params) + 32 * scales
-    size.floor_bytes, size.weight_bits, size.scale_params = math.ceil(bits / 8), 8, scales
-    return size
