@@ -19,7 +19,7 @@ from benchmarks.common import REPO, Settings, Timer, load_average, log, machine_
 SCHEMA_VERSION = 2
 REJECTED = Path(__file__).with_name("rejected.md")
 # Hand-run studies too long for `make bench`, kept in their own files and included.
-STUDIES = (Path(__file__).with_name("precision_accuracy.md"),)
+STUDIES = (Path(__file__).with_name("precision_accuracy.md"), Path(__file__).with_name("tracing.md"))
 
 
 def build_parser():

@@ -5,6 +5,15 @@ first access, to Keras 3 unless `TF_USE_LEGACY_KERAS=1` is set by then. We set
 the variable ourselves; if Keras 3 was already bound (the variable set to 0,
 or `tf.keras` used before importing us), we refuse with instructions instead
 of letting Larq fail deep inside.
+
+AutoGraph: TF 2.16's AutoGraph leaves the package named `keras` unconverted but
+not `tf_keras`, Keras 2's new name, so every trace (fit, evaluate, LCE conversion)
+transpiles Keras' own layers, metrics and optimizers from source. Keras 2 was never
+converted before (TF <= 2.15), and its code does not rely on it; our own and Larq's
+layer `call`s are still converted, as Keras asks. Measured here: building a
+Bi-Real-18 and its first fit took 2.3-2.7x less time (BENCHMARKS.md, "Tracing").
+`BIREAL_TF_CONVERT_KERAS=1` keeps TensorFlow's default (for that benchmark, or if a
+Keras release ever needs it).
 """
 
 import os
@@ -34,4 +43,18 @@ def ensure_keras2():
     if keras_module.layers.Layer is not tf_keras.layers.Layer:
         where = getattr(keras_module, "__file__", repr(keras_module))
         raise ImportError(f"tf.keras is already bound to Keras 3 ({where}). " + _HOW_TO_FIX)
+    _leave_keras_unconverted()
     return keras_module
+
+
+def _leave_keras_unconverted():
+    """Add `tf_keras` to AutoGraph's do-not-convert rules, as `keras` already is (see above)."""
+    if os.environ.get("BIREAL_TF_CONVERT_KERAS", "").strip() in ("1", "true", "yes"):
+        return
+    try:
+        from tensorflow.python.autograph.core import config, config_lib
+    except ImportError:  # pragma: no cover - another TF layout: keep its default
+        return
+    rule = config_lib.DoNotConvert("tf_keras")
+    if not any(getattr(r, "_prefix", None) == "tf_keras" for r in config.CONVERSION_RULES):
+        config.CONVERSION_RULES = (rule,) + tuple(config.CONVERSION_RULES)

@@ -403,3 +403,22 @@ def test_keras_3_is_refused_with_instructions(code, env):
     out = _run_python(code, **env)
     assert out.returncode != 0
     assert "ImportError" in out.stderr and "TF_USE_LEGACY_KERAS=1" in out.stderr
+
+
+def test_keras_internals_are_left_unconverted_and_our_layers_converted():
+    """AutoGraph skips tf_keras (as TF skips the package named keras), but still converts
+    the `call` of our layers and Larq's, which Keras hands to it (bireal_tf/_keras_setup.py)."""
+    import tf_keras
+    from tensorflow.python.autograph.impl import conversion
+
+    from bireal_tf.models import LearnableBias
+
+    assert conversion.is_allowlisted(tf_keras.layers.BatchNormalization.call)
+    assert conversion.is_allowlisted(tf_keras.Model.train_step)
+    assert not conversion.is_allowlisted(LearnableBias.call)
+    assert not conversion.is_allowlisted(quantizers.ApproxSign.call)
+    out = _run_python("import bireal_tf, tf_keras\n"
+                      "from tensorflow.python.autograph.impl import conversion\n"
+                      "print(conversion.is_allowlisted(tf_keras.layers.Dense.call))",
+                      TF_USE_LEGACY_KERAS="1", BIREAL_TF_CONVERT_KERAS="1")
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
