@@ -21,19 +21,17 @@ LIMIT = 256  # four batches of 64
 
 
 @pytest.fixture(scope="module")
-def r18(tmp_path_factory):
-    """An R18 for 32x32 Fashion-MNIST and its .tflite.
+def r18(trained_run):
+    """The shared trained run's R18 for 32x32 Fashion-MNIST (tests/conftest.py) and its
+    .tflite, exported and verified by the training CLI's --export.
 
-    pad_values=1.0: at 32x32 the last stages' maps are 2x2 and 1x1, smaller than the 3x3
-    kernels, where LCE 0.16 computes zero padding wrongly (export refuses it; see
-    tests/test_export.py::test_lce_zero_padding_bug_is_caught_and_explained).
+    pad_values=1.0 (the small-image settings): at 32x32 the last stages' maps are 2x2 and
+    1x1, smaller than the 3x3 kernels, where LCE 0.16 computes zero padding wrongly (export
+    refuses it; see tests/test_export.py::test_lce_zero_padding_bug_is_caught_and_explained).
     """
-    tf.keras.utils.set_random_seed(0)
-    model = BiRealNet18(input_shape=(32, 32, 3), num_classes=10, pad_values=1.0)
-    sample = load_dataset(DATASET, "test", batch_size=16, limit=16)
-    path = tmp_path_factory.mktemp("r18") / "r18.tflite"
-    export_tflite(model, path, sample_inputs=sample, latency=None)
-    return model, path
+    from bireal_tf.export import load_keras_model
+
+    return load_keras_model(trained_run / "model.keras"), trained_run / "model.tflite"
 
 
 def test_keras_and_tflite_give_the_same_top1(r18):

@@ -246,21 +246,23 @@ def test_cli_overrides_reach_the_recipe(tmp_path):
     assert float(model.optimizer.learning_rate) == pytest.approx(0.004)
 
 
-@pytest.mark.slow  # a run, an LCE conversion and the .tflite evaluated: over ~30 s
-def test_export_without_demo_writes_a_verified_tflite(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["r18_adam", *TINY_ARGS, "--epochs", "1", "--steps-per-epoch", "2",
-                 "--no-validate", "--pad-values", "1", "--export",
-                 "--output-dir", str(out)]) == 0
-    assert "model.tflite" in capsys.readouterr().out
+def test_export_without_demo_writes_a_verified_tflite(trained_run):
+    """`--export` on a training command (tests/conftest.py's shared run is one)."""
+    from tests.conftest import TRAINED_RUN_ARGS
+
+    assert "--export" in TRAINED_RUN_ARGS and "--demo" not in TRAINED_RUN_ARGS
+    out = trained_run
+    printed = (out.parent / "trained_run.log").read_text()  # what the command printed
+    assert "Everything is in" in printed and "  model.tflite" in printed
     report = json.loads((out / "export_report.json").read_text())
     assert report["binary_convs"]["ok"] and report["parity"]["ok"]
     assert report["op_histogram"]["LceBconv2d"] == 16
+    assert report["tflite_path"] == str(out / "model.tflite")
     summary = json.loads((out / "summary.json").read_text())
     lite = summary["tflite"]
     assert lite["path"] == str(out / "model.tflite")
     assert lite["size_bytes"] == os.path.getsize(out / "model.tflite") > 0
-    assert lite["num_examples"] == 32
+    assert lite["num_examples"] == 64
     assert 0.0 <= lite["top1"] <= 1.0
     assert lite["top1_minus_keras_top1"] == pytest.approx(lite["top1"] - summary["top1"])
 

@@ -3,6 +3,7 @@ and fitted to small images."""
 import csv
 import json
 import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -54,31 +55,35 @@ def test_an_epochs_data_are_not_rebuilt(tmp_path, monkeypatch):
     assert np.isfinite(summary["test_loss"])
 
 
-def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capfd):
+def test_resume_falls_back_past_a_damaged_checkpoint(trained_run, tmp_path, capfd):
+    """The shared trained run (tests/conftest.py), as if killed while writing its last
+    checkpoint: the rerun of its command warns, resumes from the checkpoint before and
+    trains the last epoch again on the same batches."""
+    from bireal_tf.recipes.train import main
+    from tests.conftest import TRAINED_RUN_ARGS
+
     out = tmp_path / "run"
-    recipe = get_recipe("r18_adam").with_overrides(epochs=3, **TINY)
-    kwargs = dict(limit_train=32, limit_eval=16, verbose=1, validate=False)
-    train_recipe(recipe.with_overrides(epochs=3), str(out), **kwargs)
+    shutil.copytree(trained_run, out)
     stage = out / "stages" / "0_binary"
     with open(out / "metrics.csv") as f:
         first_rows = list(csv.DictReader(f))
-    # As if the run had been killed while writing its last checkpoint: the newest
-    # checkpoint's data file is truncated and the stage has no final model yet.
+    # The newest checkpoint's data file is truncated and the stage has no final model yet.
     os.remove(stage / "model.keras")
-    data = stage / "checkpoints" / "ckpt-3.data-00000-of-00001"
+    data = stage / "checkpoints" / "ckpt-2.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     capfd.readouterr()
-    train_recipe(recipe, str(out), **kwargs)
+    args = [a for a in TRAINED_RUN_ARGS if a not in ("--export", "--quiet")]
+    assert main([*args, "--no-validate", "--output-dir", str(out)]) == 0
     out_text, err_text = capfd.readouterr()
-    assert "ckpt-3" in err_text and "cannot be read" in err_text, err_text
-    assert "resuming after epoch 2 from" in out_text and "ckpt-2" in out_text, out_text
+    assert "ckpt-2" in err_text and "cannot be read" in err_text, err_text
+    assert "resuming after epoch 1 from" in out_text and "ckpt-1" in out_text, out_text
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    # Epoch 3 ran again from ckpt-2 on the same batches: the same loss as the first time.
-    assert float(rows[2]["loss"]) == pytest.approx(float(first_rows[2]["loss"]), rel=1e-4)
-    assert tf.train.latest_checkpoint(str(stage / "checkpoints")).endswith("ckpt-3")
-    tf.train.load_checkpoint(str(stage / "checkpoints" / "ckpt-3"))  # readable again
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    # Epoch 2 ran again from ckpt-1 on the same batches: the same loss as the first time.
+    assert float(rows[1]["loss"]) == pytest.approx(float(first_rows[1]["loss"]), rel=1e-4)
+    assert tf.train.latest_checkpoint(str(stage / "checkpoints")).endswith("ckpt-2")
+    tf.train.load_checkpoint(str(stage / "checkpoints" / "ckpt-2"))  # readable again
 
 
 @pytest.mark.parametrize("argv, small", [
@@ -121,15 +126,9 @@ def test_options_on_the_command_line_win_over_the_small_image_settings():
     assert {s.augmentation for s in paper.stages} == {"none"}
 
 
-def test_the_summary_records_the_data_settings(tmp_path):
-    from bireal_tf.recipes.train import main
-
-    out = tmp_path / "run"
-    code = main(["r18_adam", "--dataset", "fashion_mnist_embedded", "--epochs", "1",
-                 "--steps-per-epoch", "2", "--batch-size", "16", "--limit-train", "32",
-                 "--limit-eval", "16", "--no-validate", "--quiet", "--output-dir", str(out)])
-    assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
+def test_the_summary_records_the_data_settings(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())  # tests/conftest.py's run
     assert summary["data_settings"]["pad_values"] == 1.0
     assert summary["data_settings"]["augmentation"] == "none"
     assert summary["config"]["pad_values"] == 1.0
+    assert summary["config"]["stages"][0]["augmentation"] == "none"
