@@ -170,6 +170,18 @@ def test_the_authors_wrapper_reads_the_same_in_both_formats():
     assert raw["epoch"] == 3 and raw["optimizer"]["param_groups"][0]["lr"] == 0.001
 
 
+def test_a_big_endian_zip_reads_the_same_values(tmp_path):
+    values = {"f": np.array([1.5, -2.0, 3e-3], np.float32), "i": np.array([1, -2**40], np.int64),
+              "h": np.array([0.5, -4.0], np.float16)}
+    obj = {k: Tensor(Storage(v, raw=v.astype(v.dtype.newbyteorder(">")).tobytes()), v.shape, (1,))
+           for k, v in values.items()}
+    write_torch_zip(obj, tmp_path / "big.pt", byteorder="big")
+    got = read_torch_checkpoint(tmp_path / "big.pt")
+    for key, array in values.items():
+        np.testing.assert_array_equal(got[key], array)
+        assert got[key].dtype == array.dtype and got[key].dtype.isnative
+
+
 def test_the_code_running_legacy_pickle_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     refused(FIXTURES / "torch_runs_code_legacy.pt", r"refused: its pickle asks for 'posix\.system'")
@@ -340,17 +352,33 @@ def test_legacy_storage_declared_larger_than_the_file_is_refused(tmp_path):
     refused(path, r"truncated: storage 0 needs 4398046511112 bytes")
 
 
+def forge_directory(path, name, **sizes):
+    """Rewrite entry `name`'s sizes ("compressed", "uncompressed") in the zip's central directory."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46:at + 46 + len(name)] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 4)
+    for field, offset in (("compressed", 20), ("uncompressed", 24)):
+        if field in sizes:
+            data[at + offset:at + offset + 4] = sizes[field].to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
 def test_zip_entries_larger_than_the_file_are_refused_before_reading(tmp_path):
     # A central directory that claims 1 GiB for a storage declared as 2**28 floats.
     path = hostile("zip", {"w": Tensor(Storage(ONE_FLOAT, numel=2**28), (1,), (1,))}, tmp_path)
-    data = bytearray(path.read_bytes())
-    at = data.index(b"PK\x01\x02")  # the central directory's first entry
-    while data[at + 46:at + 46 + len(b"archive/data/0")] != b"archive/data/0":
-        at = data.index(b"PK\x01\x02", at + 4)
-    data[at + 20:at + 28] = (2**30).to_bytes(4, "little") * 2  # compressed, uncompressed size
-    path.write_bytes(bytes(data))
+    forge_directory(path, "archive/data/0", compressed=2**30, uncompressed=2**30)
     refused(path, r"entries declare \d+ bytes or more, beyond the file's \d+ \(at entry "
                   r"archive/data/0\)")
+
+
+def test_zip_storage_shorter_than_its_directory_says_is_refused(tmp_path):
+    # Found here: of a stored entry, zipfile returns the compressed size's bytes, even when
+    # the uncompressed size says more (their CRC matches): a tensor would read past them.
+    path = hostile("zip", {"w": Tensor(Storage(np.ones(2, np.float32), numel=4), (4,), (1,))},
+                   tmp_path)
+    forge_directory(path, "archive/data/0", uncompressed=16)
+    refused(path, r"entry archive/data/0 holds 8 bytes, its directory says 16")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -595,6 +623,6 @@ def test_fuzzed_checkpoints_load_or_fail_cleanly_within_memory(fuzz_dir, capsys)
 
 @pytest.mark.slow
 def test_fuzzed_checkpoints_longer_run(fuzz_dir, capsys):
-    outcomes, peaks = fuzz(fuzz_dir, examples=5000)
+    outcomes, peaks = fuzz(fuzz_dir, examples=4000)
     fuzz_report(outcomes, peaks, capsys)
-    assert sum(outcomes.values()) >= 4500 and outcomes["read"] > 0
+    assert sum(outcomes.values()) >= 3600 and outcomes["read"] > 0

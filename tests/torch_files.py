@@ -144,12 +144,13 @@ def torch_pickle(obj, legacy=False):
     return buffer.getvalue(), {str(key): storage for key, storage in pickler.storages.values()}
 
 
-def write_torch_zip(obj, path, *, pickled=None, compress=False):
-    """torch.save's zip layout (`compress`: its storage entries deflated, as torch never does)."""
+def write_torch_zip(obj, path, *, pickled=None, compress=False, byteorder="little"):
+    """torch.save's zip layout (`compress`: its storage entries deflated, as torch never does;
+    `byteorder` "big": as a big-endian machine writes, each storage then given by `raw`)."""
     data, storages = pickled or torch_pickle(obj)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", data)
-        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/byteorder", byteorder)
         for key, storage in storages.items():
             z.writestr(f"archive/data/{key}", storage.raw,
                        zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)

@@ -108,6 +108,10 @@ class _Storage(collections.namedtuple("_Storage", "size array")):
 
     __slots__ = ()
 
+    @classmethod
+    def of(cls, array):
+        return cls(array.size, array)  # the bounds of its tensors: what was read, not declared
+
     def slice(self, offset, size):
         return _Storage(size, None if self.array is None else self.array[offset:offset + size])
 
@@ -290,13 +294,17 @@ class _ZipStorages(_Declarations):
         if self.declared_bytes > self.file_size:
             raise _Bad(f"its entries declare {self.declared_bytes} bytes or more, beyond the "
                        f"file's {self.file_size} (at entry {name})")
-        return self.archive.read(name)
+        data = self.archive.read(name)
+        if len(data) != info.file_size:  # a stored entry's directory sizes can disagree
+            raise _Bad(f"its entry {name} holds {len(data)} bytes, its directory says "
+                       f"{info.file_size}")
+        return data
 
     def __call__(self, key, kind, numel):
         super().__call__(key, kind, numel)
         if key not in self.loaded:
             raw = self.entry(f"{self.top}/data/{key}", numel * kind.itemsize)
-            self.loaded[key] = _Storage(numel, kind.decode(raw, self.order))
+            self.loaded[key] = _Storage.of(kind.decode(raw, self.order))
         return self.loaded[key]
 
 
@@ -368,7 +376,7 @@ def _read_legacy(data):
         (count,) = struct.unpack_from("<q", data, at)
         if count != numel:
             raise _Bad(f"storage {key} holds {count} elements, its declaration says {numel}")
-        storages[key] = _Storage(numel, kind.decode(data[at + 8:at + 8 + nbytes], "<"))
+        storages[key] = _Storage.of(kind.decode(data[at + 8:at + 8 + nbytes], "<"))
         at += 8 + nbytes
     return _Unpickler(obj, lambda key, kind, numel: storages[key]).load()
 
