@@ -15,7 +15,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "pytest-xdist", "dill", "nbclient", "ipykernel", "nbformat"],
+    "test": ["pytest", "pytest-xdist", "dill", "nbclient", "ipykernel", "nbformat", "hypothesis"],
 }
 
 setup(

@@ -2,14 +2,10 @@
 
 Everything here runs without network and, except `test_pytorch_outputs`, without torch.
 """
-import collections
-import io
 import os
-import pickle
 import re
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,7 @@ import tensorflow as tf
 import larq_zoo
 from bireal_tf.interop import CheckpointError, from_pytorch, load_checkpoint, read_torch_zip
 from bireal_tf.models import BiRealNet18, WeightsUnavailableError, from_larq_zoo
+from tests.torch_files import write_torch_zip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MARKER = "BIREAL_TF_PICKLE_RAN_CODE"
@@ -88,62 +85,6 @@ def random_state(depth, num_classes=10, seed=0):
     return state
 
 
-# --- a tiny writer of PyTorch's zip format, so the CLI test needs no torch ---------------------
-
-class _Global:
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle wants a callable; never called
-        raise NotImplementedError
-
-
-class _Tensor:
-    def __init__(self, array):
-        self.array = np.ascontiguousarray(array)
-
-
-_STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
-
-
-def write_torch_zip(obj, path):
-    """torch.save's zip layout (checked against torch.load in test_pytorch_outputs)."""
-    storages = []
-
-    class Pickler(pickle._Pickler):
-        dispatch = dict(pickle._Pickler.dispatch)
-
-        def persistent_id(self, o):
-            if isinstance(o, tuple) and len(o) == 2 and o[0] == "__storage__":
-                return o[1]
-            return None
-
-    def save_global(self, o):
-        self.write(pickle.GLOBAL + f"{o.module}\n{o.name}\n".encode())
-
-    def save_tensor(self, t):
-        key = str(len(storages))
-        storages.append(t.array.tobytes())
-        stride = tuple(s // t.array.itemsize for s in t.array.strides)
-        pid = ("storage", _Global("torch", _STORAGE[t.array.dtype]), key, "cpu", t.array.size)
-        self.save_reduce(_Global("torch._utils", "_rebuild_tensor_v2"),
-                         (("__storage__", pid), 0, t.array.shape, stride, False,
-                          collections.OrderedDict()), obj=t)
-
-    Pickler.dispatch[_Global] = save_global
-    Pickler.dispatch[_Tensor] = save_tensor
-    wrap = lambda o: ({k: wrap(v) for k, v in o.items()} if isinstance(o, dict)  # noqa: E731
-                      else _Tensor(o) if isinstance(o, np.ndarray) else o)
-    buffer = io.BytesIO()
-    Pickler(buffer, protocol=2).dump(wrap(obj))
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", buffer.getvalue())
-        z.writestr("archive/byteorder", "little")
-        for key, raw in enumerate(storages):
-            z.writestr(f"archive/data/{key}", raw)
-        z.writestr("archive/version", "3\n")
-
-
 def authors_wrapper(state):
     """What the authors' train.py saves: nn.DataParallel names inside its dict."""
     return {"epoch": 10, "state_dict": {f"module.{k}": v for k, v in state.items()},
@@ -188,9 +129,11 @@ def test_reader_refuses_the_code_running_pickle(tmp_path, monkeypatch):
     assert not (tmp_path / MARKER).exists()
 
 
-def test_reader_refuses_the_old_format_with_a_fix():
-    with pytest.raises(CheckpointError, match=r"old .*non-zip.*(re-save|Re-save).*install torch"):
-        read_torch_zip(FIXTURES / "torch_legacy.pt")
+def test_reader_reads_the_old_format():  # more in test_checkpoint_reader.py
+    expected = np.load(FIXTURES / "torch_expected.npz")
+    got = read_torch_zip(FIXTURES / "torch_legacy.pt")
+    assert set(got) == {"conv1.weight"}
+    np.testing.assert_array_equal(got["conv1.weight"], expected["conv1.weight"])
 
 
 def test_truncated_checkpoint_is_named(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bireal_tf.interop.torch_reader import CheckpointError, read_torch_zip
+from bireal_tf.interop.torch_reader import CheckpointError, read_torch_checkpoint
 from bireal_tf.utils import refuse_contradictions
 
 __all__ = ["checkpoint_info", "from_pytorch", "load_checkpoint"]
@@ -57,7 +57,8 @@ def load_checkpoint(checkpoint, reader="auto"):
         checkpoint: a `.pth` / `.pth.tar` path, a dict with a "state_dict" entry (what
             the authors' train.py saves), or a state dict of tensors or arrays.
         reader: for paths: "torch" (`torch.load(..., weights_only=True)`), "restricted"
-            (`read_torch_zip`, no torch needed) or "auto" (torch when installed).
+            (`read_torch_checkpoint`, no torch needed; zip and legacy formats) or "auto"
+            (torch when installed).
     """
     if isinstance(checkpoint, (str, Path)):
         path = str(checkpoint)
@@ -65,7 +66,7 @@ def load_checkpoint(checkpoint, reader="auto"):
         if reader == "torch" and torch is None:
             raise CheckpointError("reader='torch' needs torch installed.")
         if torch is None:
-            checkpoint = read_torch_zip(path)
+            checkpoint = read_torch_checkpoint(path)
         else:
             if not Path(path).is_file():
                 raise CheckpointError(f"checkpoint {path} does not exist.")
