@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write <out>.json and predict.py beside an LCE file too")
     p.add_argument("--no-lce-check", dest="compare_lce", action="store_false",
                    help="portable: skip the comparison with the LCE file of the same model")
+    p.add_argument("--lce-output", metavar="FILE",
+                   help="portable: also write the LCE file it was compared with")
     p.add_argument("--int8", action="store_true",
                    help="int8 input and output (a model made by bireal_tf.models.int8_model and "
                         "finetuned with fake quantization; refused otherwise)")
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
             report_path=args.report,
             target="portable" if args.portable else "lce",
             dataset=args.dataset, data_dir=args.data_dir, labels=labels,
-            write_predictor=args.predictor, compare_lce=args.compare_lce,
+            write_predictor=args.predictor, compare_lce=args.compare_lce, lce_path=args.lce_output,
         )
     except ModelFileError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -36,6 +36,7 @@ from bireal_tf.export.files import (ExportError, ModelFileError, check_output_pa
                                     load_keras_model)
 from bireal_tf.export.flatbuffer import TFLiteGraph
 from bireal_tf.export.metadata import class_names, model_metadata, run_dataset, sidecar_path
+from bireal_tf.export.portable import custom_ops
 from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency, LceAgreement
 from bireal_tf.export.runtime import (HOST_LATENCY_NOTE, LITERT_LATENCY_NOTE, LiteRTRunner,
                                       TFLiteRunner, measure_latency)
@@ -194,7 +195,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                   latency: LatencySettings | None = LatencySettings(), io_type: str = "float32",
                   input_shape=None, report_path=None, target: str = "lce", dataset=None,
                   data_dir=None, labels=None, write_predictor=None,
-                  compare_lce: bool = True) -> ExportReport:
+                  compare_lce: bool = True, lce_path=None) -> ExportReport:
     """Convert `model` to an LCE (or portable) .tflite at `path`, verify it and report on it.
 
     Args:
@@ -227,6 +228,8 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
             `labels` (a list of class names) overrides the dataset's names.
         write_predictor: write `<path>.json` and copy `predict.py` beside the .tflite
             (default: for target "portable").
+        compare_lce, lce_path: portable target: compare with the LCE file of the same model
+            (default yes), and also write that LCE file to `lce_path` (CLI --lce-output).
 
     Raises:
         ModelFileError: missing or corrupt model file, missing output directory.
@@ -245,6 +248,11 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
     out_path = check_output_path(path, "output .tflite")
     if report_path is not None:
         check_output_path(report_path, "report file")
+    if lce_path is not None:
+        if target != "portable" or not compare_lce:
+            raise ValueError("lce_path is for target='portable' with compare_lce=True: the LCE file "
+                             "it is compared with.")
+        lce_path = check_output_path(lce_path, "LCE .tflite")
     write_predictor = target == "portable" if write_predictor is None else bool(write_predictor)
     if write_predictor and report_path is not None and Path(report_path) == sidecar_path(out_path):
         raise ModelFileError(f"The report '{report_path}' would overwrite the predictor's labels and "
@@ -289,7 +297,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                                 sample_inputs=sample_inputs, parity=parity, latency=latency,
                                 allow_mismatch=allow_mismatch, report_path=report_path,
                                 report_warnings=report_warnings, compare_lce=compare_lce,
-                                predictor=predictor, lce_hazard=bool(hazards))
+                                predictor=predictor, lce_hazard=bool(hazards), lce_path=lce_path)
     if io_type == "int8" and not quantized:
         raise ExportError(
             f"int8 I/O needs a model trained with fake quantization: model '{model.name}' has no "
@@ -421,7 +429,7 @@ def _write(out_path, flatbuffer, report, report_path, extra_files):
 
 def _export_portable(model, out_path, *, source, keras_precision, layers, quantized, io_type,
                      sample_inputs, parity, latency, allow_mismatch, report_path, report_warnings,
-                     compare_lce, predictor, lce_hazard) -> ExportReport:
+                     compare_lce, predictor, lce_hazard, lce_path) -> ExportReport:
     """export_tflite(target="portable"): builtin ops only, checked through stock LiteRT."""
     import tensorflow as tf
 
@@ -435,8 +443,7 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
                           "lower; a plain float model needs no bireal_tf export.")
     flatbuffer, float_twin, lowered, seconds = convert_portable(model)
     graph = TFLiteGraph(flatbuffer)
-    custom = sorted(name for name in graph.histogram
-                    if name not in _builtin_names() and not name.startswith("BUILTIN_"))
+    custom = custom_ops(graph)
     if custom:
         raise ExportError(f"The portable file of model '{model.name}' still holds custom ops "
                           f"{custom}; stock LiteRT cannot run it. This is a bug in the lowering.")
@@ -461,7 +468,7 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
                                "activation within rounding of the sign threshold (sign flips); "
                                "compare accuracy with `python -m bireal_tf.evaluate` on the file.")
 
-    agreement = None
+    agreement, lce_file = None, None
     if compare_lce:
         try:
             lce_file, _ = convert(model)
@@ -499,13 +506,10 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
         warnings=report_warnings, target="portable", runtime="litert", lce_agreement=agreement,
     )
     extra = _predictor_files(out_path, graph, *predictor, "portable") if predictor else {}
-    return _write(out_path, flatbuffer, report, report_path, extra)
-
-
-def _builtin_names() -> set:
-    from larq_compute_engine.mlir.python import tflite_schema as schema
-
-    return {k for k in vars(schema.BuiltinOperator) if not k.startswith("_") and k != "CUSTOM"}
+    report = _write(out_path, flatbuffer, report, report_path, extra)
+    if lce_path is not None and lce_file is not None:
+        atomic_write_bytes(lce_path, lce_file)
+    return report
 
 
 def _lce_version() -> str:

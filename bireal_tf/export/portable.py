@@ -43,7 +43,8 @@ import tensorflow as tf
 from bireal_tf.export.files import ExportError
 from bireal_tf.models import binary_conv_layers
 
-__all__ = ["HYBRID_CONV_VERSION", "PortableBinaryConv2D", "lower_binary_kernels", "portable_twin"]
+__all__ = ["HYBRID_CONV_VERSION", "PortableBinaryConv2D", "custom_ops", "is_portable_file", "lower_binary_kernels",
+           "portable_twin"]
 
 HYBRID_CONV_VERSION = 5  # what TFLite's dynamic-range quantizer writes for a per-channel hybrid conv
 _SIGN_PROBE = np.array([-2.0, -1.0, -0.3, -1e-30, 0.0, 1e-30, 0.3, 1.0, 2.0], np.float32)
@@ -286,3 +287,27 @@ def lower_binary_kernels(flatbuffer: bytes, model) -> tuple[bytes, list]:
             "their sign pattern with one magnitude per channel. The converter changed the graph in "
             "a way the lowering does not know; export with target='lce' instead.")
     return bytes(flatbuffer_utils.convert_object_to_bytearray(fb)), lowered
+
+
+def custom_ops(graph) -> list:
+    """Names of the custom ops (LCE's or any other) in a TFLiteGraph; [] for builtin ops only."""
+    from larq_compute_engine.mlir.python import tflite_schema as schema
+
+    builtin = {k for k in vars(schema.BuiltinOperator) if not k.startswith("_") and k != "CUSTOM"}
+    return sorted(n for n in graph.histogram if n not in builtin and not n.startswith("BUILTIN_"))
+
+
+def is_portable_file(flatbuffer: bytes) -> bool:
+    """Whether a flatbuffer looks like a portable export: builtin ops only, and binary convs
+    as hybrid CONV_2D (an int8 kernel +-1 on a float32 activation)."""
+    from bireal_tf.export.flatbuffer import TFLiteGraph
+
+    graph = TFLiteGraph(flatbuffer)
+    if custom_ops(graph):
+        return False
+    for op in graph.ops:
+        if op.name != "CONV_2D" or graph.tensors[op.inputs[1]].type != "int8":
+            continue
+        if graph.tensors[op.inputs[0]].type == "float32" and not graph.is_constant(op.inputs[0]):
+            return True
+    return False

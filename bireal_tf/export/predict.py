@@ -127,6 +127,21 @@ def _lce_interpreter_class():
         return None
 
 
+class _NativeStderrSilenced:
+    """Silence what native code writes to stderr (LiteRT's "INFO: Created ... delegate" lines);
+    its errors still arrive as Python exceptions, which carry the message."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+
+
 class Model:
     """A .tflite on stock LiteRT, or on LCE's interpreter when it has LCE's custom ops."""
 
@@ -138,8 +153,9 @@ class Model:
         error = "ai-edge-litert is not installed (pip install ai-edge-litert)"
         if Interpreter is not None:
             try:
-                self.interpreter = Interpreter(model_content=data, num_threads=threads)
-                self.interpreter.allocate_tensors()
+                with _NativeStderrSilenced():
+                    self.interpreter = Interpreter(model_content=data, num_threads=threads)
+                    self.interpreter.allocate_tensors()
                 self.runtime = "LiteRT"
                 self._in = self.interpreter.get_input_details()[0]
                 self._out = self.interpreter.get_output_details()[0]
@@ -156,7 +172,8 @@ class Model:
                     "installed here (LCE has no aarch64 wheel). Export a portable file instead: "
                     "python -m bireal_tf.export MODEL --portable -o model_portable.tflite") from None
             raise PredictError(f"LiteRT cannot load '{model_path}': {error[:300]}") from None
-        self.interpreter = lce(data, num_threads=threads)
+        with _NativeStderrSilenced():
+            self.interpreter = lce(data, num_threads=threads)
         self.runtime = "Larq Compute Engine"
 
     def scores(self, x: np.ndarray) -> np.ndarray:

@@ -42,6 +42,8 @@ class TFLiteRunner:
     tensor's own scale and zero point.
     """
 
+    runtime = "lce"
+
     def __init__(self, flatbuffer: bytes, num_threads: int = 1, use_reference_bconv: bool = False):
         from larq_compute_engine import testing as lce_testing
 
@@ -81,6 +83,8 @@ class LiteRTRunner(TFLiteRunner):
     Builtin ops only: a file with custom ops (LCE's) fails to load with LiteRT's own
     message ("Encountered unresolved custom op: LceQuantize").
     """
+
+    runtime = "litert"
 
     def __init__(self, flatbuffer: bytes, num_threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
