@@ -242,7 +242,10 @@ def main(argv=None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     # The interpreter runs in a child: a corrupt flatbuffer can kill the process that loads it.
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), _WORKER_FLAG, *argv])
+    try:
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), _WORKER_FLAG, *argv])
+    except OSError:  # no child possible (e.g. under qemu-user without binfmt): run here, unguarded
+        return main([_WORKER_FLAG, *argv])
     if done.returncode < 0:
         try:
             name = signal.Signals(-done.returncode).name
