@@ -55,9 +55,12 @@ matched=0; differed=0
 for version in $LITERT_VERSIONS; do
   site="$WORK/site-litert-$version"
   if [ ! -d "$site/ai_edge_litert" ]; then
+    # Debian 12 has glibc 2.36: every manylinux tag up to 2.36 fits (ai-edge-litert 2.x needs >= 2.27).
+    platforms=(--platform manylinux2014_aarch64)
+    for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_aarch64"); done
     "$PYTHON" -m pip install --quiet --no-warn-conflicts --target "$site" --only-binary=:all: \
-      --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 --python-version 3.11 \
-      --implementation cp "ai-edge-litert==$version" "numpy==1.26.4" pillow >"$WORK/pip-$version.log" 2>&1
+      "${platforms[@]}" --python-version 3.11 --implementation cp \
+      "ai-edge-litert==$version" "numpy==1.26.4" pillow >"$WORK/pip-$version.log" 2>&1
   fi
   echo "== aarch64 (qemu-user), ai-edge-litert $version: portable file"
   if run_arm64 "$site" "$PORTABLE" "${IMAGES[@]}" >"$WORK/arm64-$version.txt" 2>"$WORK/arm64-$version.err"; then
