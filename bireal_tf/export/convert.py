@@ -379,26 +379,38 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
     # 3. Size and latency.
     size = int8_size_floor(model) if quantized else size_floor(model)
     size.file_bytes, size.ratio = len(flatbuffer), round(len(flatbuffer) / max(1, size.floor_bytes), 4)
-    host = None
-    if latency is not None:
-        results = measure_latency(flatbuffer, x[:1], latency.threads, latency.runs, latency.warmup)
-        host = HostLatency(platform.machine(), platform.processor() or platform.machine(),
-                           os.cpu_count() or 1, HOST_LATENCY_NOTE, latency.warmup, latency.runs,
-                           results)
-    report = ExportReport(
+    report = _new_report(out_path, source, keras_precision, model, graph, io_type, seconds,
+                         _host_latency(flatbuffer, x, latency, "lce"), lce.__version__,
+                         binary_convs=binary_check, parity=check, size=size,
+                         int8=int8_check(model, graph) if quantized else None, warnings=report_warnings)
+    extra = _predictor_files(out_path, graph, *predictor, "lce") if predictor else {}
+    return _write(out_path, flatbuffer, report, report_path, extra)
+
+
+def _host_latency(flatbuffer, x, latency, runtime):
+    """HostLatency of the flatbuffer on `runtime` ("lce" | "litert"), or None without settings."""
+    if latency is None:
+        return None
+    results = measure_latency(flatbuffer, x[:1], latency.threads, latency.runs, latency.warmup,
+                              runtime=runtime)
+    note = HOST_LATENCY_NOTE if runtime == "lce" else LITERT_LATENCY_NOTE
+    return HostLatency(platform.machine(), platform.processor() or platform.machine(),
+                       os.cpu_count() or 1, note, latency.warmup, latency.runs, results)
+
+
+def _new_report(out_path, source, keras_precision, model, graph, io_type, seconds, host,
+                lce_version, **fields) -> ExportReport:
+    import tensorflow as tf
+
+    (lite_in,), (lite_out,) = graph.inputs, graph.outputs
+    return ExportReport(
         tflite_path=str(out_path), source=source, keras_precision=keras_precision,
         model_name=model.name, input_shape=list(lite_in.shape), input_type=lite_in.type,
         output_shape=list(lite_out.shape), output_type=lite_out.type,
-        converter={"io_type": io_type, "lce_version": lce.__version__,
-                   "tensorflow_version": tf.__version__},
+        converter={"io_type": io_type, "lce_version": lce_version, "tensorflow_version": tf.__version__},
         conversion_seconds=round(seconds, 3),
         op_histogram=dict(sorted(graph.histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        binary_convs=binary_check, parity=check, size=size, host_latency_ms=host,
-        int8=int8_check(model, graph) if quantized else None,
-        warnings=report_warnings,
-    )
-    extra = _predictor_files(out_path, graph, *predictor, "lce") if predictor else {}
-    return _write(out_path, flatbuffer, report, report_path, extra)
+        host_latency_ms=host, **fields)
 
 
 def _predictor_files(out_path, graph, dataset, names, target) -> dict:
@@ -431,9 +443,10 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
                      sample_inputs, parity, latency, allow_mismatch, report_path, report_warnings,
                      compare_lce, predictor, lce_hazard, lce_path) -> ExportReport:
     """export_tflite(target="portable"): builtin ops only, checked through stock LiteRT."""
-    import tensorflow as tf
-
-    if quantized or io_type != "float32":
+    if io_type != "float32" and not quantized:
+        raise ExportError("The portable target takes float32 input and output (int8 I/O is for "
+                          "models with fake-quant layers, exported with target='lce').")
+    if quantized:
         raise ExportError(
             f"Model '{model.name}' has fake-quant (int8) layers: the portable target converts float "
             "models only for now (binary convs as int8 +-1 hybrid convs, the rest float32). Export "
@@ -447,7 +460,6 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
     if custom:
         raise ExportError(f"The portable file of model '{model.name}' still holds custom ops "
                           f"{custom}; stock LiteRT cannot run it. This is a bug in the lowering.")
-    (lite_in,), (lite_out,) = graph.inputs, graph.outputs
     binary_check = BinaryConvCheck(len(layers), 0, len(lowered) == len(layers), [], {},
                                    int8_convs=len(lowered))
 
@@ -487,24 +499,10 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
     size.file_bytes, size.ratio = len(flatbuffer), round(len(flatbuffer) / max(1, size.floor_bytes), 4)
     size.float_twin_bytes = len(float_twin)
     size.float_twin_ratio = round(len(flatbuffer) / len(float_twin), 4)
-    host = None
-    if latency is not None:
-        results = measure_latency(flatbuffer, x[:1], latency.threads, latency.runs, latency.warmup,
-                                  runtime="litert")
-        host = HostLatency(platform.machine(), platform.processor() or platform.machine(),
-                           os.cpu_count() or 1, LITERT_LATENCY_NOTE, latency.warmup, latency.runs,
-                           results)
-    report = ExportReport(
-        tflite_path=str(out_path), source=source, keras_precision=keras_precision,
-        model_name=model.name, input_shape=list(lite_in.shape), input_type=lite_in.type,
-        output_shape=list(lite_out.shape), output_type=lite_out.type,
-        converter={"io_type": io_type, "lce_version": _lce_version(),
-                   "tensorflow_version": tf.__version__},
-        conversion_seconds=round(seconds, 3),
-        op_histogram=dict(sorted(graph.histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        binary_convs=binary_check, parity=check, size=size, host_latency_ms=host,
-        warnings=report_warnings, target="portable", runtime="litert", lce_agreement=agreement,
-    )
+    report = _new_report(out_path, source, keras_precision, model, graph, io_type, seconds,
+                         _host_latency(flatbuffer, x, latency, "litert"), _lce_version(),
+                         binary_convs=binary_check, parity=check, size=size, warnings=report_warnings,
+                         target="portable", runtime="litert", lce_agreement=agreement)
     extra = _predictor_files(out_path, graph, *predictor, "portable") if predictor else {}
     report = _write(out_path, flatbuffer, report, report_path, extra)
     if lce_path is not None and lce_file is not None:
