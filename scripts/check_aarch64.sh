@@ -5,7 +5,8 @@
 #
 #   scripts/check_aarch64.sh MODEL_PORTABLE.tflite MODEL_LCE.tflite IMAGE [IMAGE ...]
 #
-# Each .tflite needs its <model>.tflite.json beside it (the export writes it). Needs root
+# Each .tflite needs its <model>.tflite.json beside it, and the predict.py the export wrote
+# beside the portable file is the one run (else the repository's). Needs root
 # (apt-get install debootstrap qemu-user-static), network to Debian's archive and PyPI,
 # and ~1 GB in WORK. Environment:
 #   WORK             where the arm64 root and wheels go (default /tmp/bireal_aarch64; reused)
@@ -20,7 +21,8 @@ fi
 PORTABLE=$(realpath "$1"); LCE=$(realpath "$2"); shift 2
 IMAGES=(); for image in "$@"; do IMAGES+=("$(realpath "$image")"); done
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-PREDICT="$HERE/bireal_tf/export/predict.py"
+PREDICT="$(dirname "$PORTABLE")/predict.py"  # the one the export shipped beside the model
+[ -f "$PREDICT" ] || PREDICT="$HERE/bireal_tf/export/predict.py"
 WORK=${WORK:-/tmp/bireal_aarch64}
 ROOT="$WORK/root"
 LITERT_VERSIONS=${LITERT_VERSIONS:-"1.2.0 2.3.0"}
