@@ -9,6 +9,10 @@ INSTALL_REQUIRES = [
     "larq==0.14.0",
     "larq-zoo==2.4.0",
     "larq-compute-engine==0.16.0",
+    # Stock LiteRT runs portable exports (python -m bireal_tf.export --portable) and the
+    # predictor; it needs only numpy >= 1.23.2, so it sits beside TF 2.16.2 and numpy 1.26.
+    "ai-edge-litert==2.3.0",
+    "pillow",
     "tensorflow-datasets",
     "numpy<2",
     "matplotlib",

@@ -22,7 +22,7 @@ import importlib
 #   markdown(result) -> str          its part of BENCHMARKS.md, under the heading;
 #   findings(result) -> list[str]    its lines of the summary.
 # A new section is its module, its name here and its sizes in common.Settings.
-SECTIONS = ("training", "epoch", "pipeline", "export", "memory")
+SECTIONS = ("training", "epoch", "pipeline", "export", "portable", "memory")
 
 
 def section(name: str):

@@ -14,6 +14,8 @@ interpreter (`larq_compute_engine.testing.Interpreter`), which knows the LCE
 ops; it has a fixed input shape (batch 1 for models converted by
 `bireal_tf.export`) and no resize call, so each batch is fed sample by sample.
 On x86-64 that interpreter uses LCE's portable kernels: correct, not fast.
+A portable file (`python -m bireal_tf.export --portable`: builtin ops only)
+runs through stock LiteRT (`ai_edge_litert`), as on a device.
 
 Accuracies are fractions in [0, 1]. top-5 is top-min(5, classes).
 """
@@ -46,9 +48,10 @@ def _load(model_or_path, allow_non_lce, num_threads):
     """('keras' | 'tflite', model or TFLiteRunner, description, op histogram or None)."""
     import tensorflow as tf
 
-    from bireal_tf.export.files import ModelFileError, load_keras_model, read_flatbuffer_file
+    from bireal_tf.export.files import ModelFileError, first_line, load_keras_model, read_flatbuffer_file
     from bireal_tf.export.flatbuffer import LCE_OPS, op_histogram
-    from bireal_tf.export.runtime import TFLiteRunner
+    from bireal_tf.export.portable import is_portable_file
+    from bireal_tf.export.runtime import LiteRTRunner, TFLiteRunner
 
     if isinstance(model_or_path, tf.keras.Model):
         return "keras", model_or_path, f"<in-memory Keras model '{model_or_path.name}'>", None
@@ -65,6 +68,13 @@ def _load(model_or_path, allow_non_lce, num_threads):
             f".h5 / SavedModel / .tflite; got {type(model_or_path).__name__}."
         )
     histogram = dict(op_histogram(flatbuffer))
+    if is_portable_file(flatbuffer):
+        try:
+            return "tflite", LiteRTRunner(flatbuffer, num_threads=num_threads or 1), source, histogram
+        except (RuntimeError, ValueError) as err:
+            raise ModelFileError(f"LiteRT cannot load the portable file '{source}' ({first_line(err)}); "
+                                 "it may be corrupt. Export it again with `python -m bireal_tf.export "
+                                 "MODEL --portable`.") from err
     if not any(op in histogram for op in LCE_OPS) and not allow_non_lce:
         raise EvaluationError(
             f"'{source}' contains no LCE op (LceBconv2d, LceQuantize, ...): it is not an LCE binary "
@@ -161,7 +171,8 @@ def evaluate(
     Returns:
         dict: top1, top5 (fractions), top5_k, correct_top1, correct_top5,
         num_examples, num_classes, dataset, split, image_size, model, model_kind
-        ("keras" | "tflite"), seconds, examples_per_second.
+        ("keras" | "tflite"), runtime (None for Keras, "lce" for LCE's interpreter,
+        "litert" for a portable file), seconds, examples_per_second.
 
     Raises:
         EvaluationError (input shape or classes do not fit, not an LCE model),
@@ -204,6 +215,7 @@ def evaluate(
         "image_size": int(spec.image_size),
         "model": source,
         "model_kind": kind,
+        "runtime": None if kind == "keras" else model.runtime,
         "seconds": round(seconds, 3),
         "examples_per_second": round(n / seconds, 2) if seconds > 0 else None,
     }
@@ -256,7 +268,8 @@ def main(argv=None) -> int:
     except (EvaluationError, ModelFileError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{result['model']} ({result['model_kind']}) on {result['dataset']}/{result['split']} "
+    kind = result["model_kind"] + (f", {result['runtime']}" if result["runtime"] else "")
+    print(f"{result['model']} ({kind}) on {result['dataset']}/{result['split']} "
           f"at {result['image_size']}px: top-1 {result['top1']:.4f}  top-{result['top5_k']} "
           f"{result['top5']:.4f}  ({result['num_examples']} examples, {result['seconds']:.1f} s)")
     if args.json:

@@ -1,10 +1,13 @@
-"""CLI: python -m bireal_tf.export MODEL -o out.tflite [--report report.json] ...
+"""CLI: python -m bireal_tf.export MODEL -o out.tflite [--portable] [--report report.json] ...
 
 Converts a saved Keras model (.keras, .h5 or SavedModel directory) with Larq
 Compute Engine, verifies the .tflite (every binary conv is an LceBconv2d, the
 outputs agree with Keras), prints the report as a table and, with --report,
-writes it as JSON (atomically). Exit status: 0 exported, 1 refused or failed
-(the reason on one line), 2 bad arguments or files.
+writes it as JSON (atomically). With --portable the file holds builtin ops only
+(stock LiteRT runs it: `pip install ai-edge-litert`), is checked through LiteRT and
+against the LCE file, and gets `<out>.json` (labels, preprocessing) and
+`predict.py` beside it. Exit status: 0 exported, 1 refused or failed (the reason
+on one line), 2 bad arguments or files.
 """
 
 import argparse
@@ -23,6 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export even if binary convs stay float (or there are none); the report warns")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="export even if the .tflite outputs disagree with Keras; the report warns")
+    p.add_argument("--portable", action="store_true",
+                   help="builtin ops only (no LCE custom op), for stock LiteRT / TFLite on a Raspberry "
+                        "Pi or Android: binary convs as int8 +-1 hybrid CONV_2D, exact")
+    p.add_argument("--dataset", help="the dataset the model was trained on, for the predictor's labels "
+                                     "and preprocessing (default: from the run's summary.json)")
+    p.add_argument("--data-dir", help="where that dataset lives (for its class names)")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line (instead of the dataset's)")
+    p.add_argument("--no-predictor", dest="predictor", action="store_false", default=None,
+                   help="do not write <out>.json and predict.py beside a portable file")
+    p.add_argument("--with-predictor", dest="predictor", action="store_true",
+                   help="write <out>.json and predict.py beside an LCE file too")
+    p.add_argument("--no-lce-check", dest="compare_lce", action="store_false",
+                   help="portable: skip the comparison with the LCE file of the same model")
+    p.add_argument("--lce-output", metavar="FILE",
+                   help="portable: also write the LCE file it was compared with")
     p.add_argument("--int8", action="store_true",
                    help="int8 input and output (a model made by bireal_tf.models.int8_model and "
                         "finetuned with fake quantization; refused otherwise)")
@@ -53,6 +71,13 @@ def main(argv=None) -> int:
 
     warnings.simplefilter("ignore", ExportWarning)  # the table lists them
     try:
+        labels = None
+        if args.labels:
+            try:
+                with open(args.labels, encoding="utf-8") as f:
+                    labels = [line.strip() for line in f if line.strip()]
+            except OSError as err:
+                raise ModelFileError(f"Cannot read the labels file '{args.labels}' ({err}).") from err
         report = export_tflite(
             args.model, args.output,
             allow_float_convs=args.allow_float_convs,
@@ -62,6 +87,9 @@ def main(argv=None) -> int:
             input_shape=(*args.input_size, 3) if args.input_size else None,
             io_type="int8" if args.int8 else "float32",
             report_path=args.report,
+            target="portable" if args.portable else "lce",
+            dataset=args.dataset, data_dir=args.data_dir, labels=labels,
+            write_predictor=args.predictor, compare_lce=args.compare_lce, lce_path=args.lce_output,
         )
     except ModelFileError as err:
         print(f"error: {err}", file=sys.stderr)

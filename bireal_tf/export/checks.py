@@ -129,18 +129,19 @@ def sign_margins(model, x, batch=4) -> np.ndarray | None:
 
 
 def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySettings,
-                    hazard: bool, int8: bool = False) -> tuple[ParityCheck, np.ndarray]:
+                    hazard: bool, int8: bool = False, runner=None) -> tuple[ParityCheck, np.ndarray]:
     """Keras vs .tflite on inputs x: (the ParityCheck without `inputs`, the Keras outputs).
 
     Verdicts: `exact` every input agrees; `mismatch` a clear input differs, or any input
     while a known LCE hazard is present; `sign_flips` the clear inputs agree, or half the
     inputs do; `inconclusive` otherwise (most differ, none clear). `int8` (a model with
     fake-quant ops) gets `int8_top1` when its top-1 agreement reaches
-    `settings.int8_min_top1`, else `mismatch`.
+    `settings.int8_min_top1`, else `mismatch`. `runner` runs the flatbuffer (default
+    LCE's interpreter, `TFLiteRunner(flatbuffer)`; a portable file: `LiteRTRunner`).
     """
     keras = np.concatenate([np.asarray(model(x[i: i + 32], training=False))
                             for i in range(0, len(x), 32)]).astype(np.float32)
-    lite = TFLiteRunner(flatbuffer).predict(x)
+    lite = (runner or TFLiteRunner(flatbuffer)).predict(x)
     if keras.shape != lite.shape:
         raise ValueError(f"the .tflite output has the shape {lite.shape[1:]}, the Keras "
                          f"model's {keras.shape[1:]}")

@@ -14,6 +14,11 @@ anything is written:
 A failed check raises `ExportError` and writes nothing, unless allowed
 (`allow_float_convs`, `allow_mismatch`): then the report's `warnings` say what is
 wrong and `warnings.warn` repeats it.
+
+`target="portable"` makes a file of builtin ops only, for stock LiteRT
+(`bireal_tf.export.portable` has the lowering); it is verified the same way, through
+LiteRT, and compared with the LCE file of the same model. Beside it go the labels and
+preprocessing (`<file>.tflite.json`) and the predictor (`predict.py`).
 """
 
 import os
@@ -21,6 +26,7 @@ import platform
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -29,14 +35,20 @@ from bireal_tf.export.checks import (ParitySettings, compare_outputs, float_bina
 from bireal_tf.export.files import (ExportError, ModelFileError, check_output_path, first_line,
                                     load_keras_model)
 from bireal_tf.export.flatbuffer import TFLiteGraph
-from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency
-from bireal_tf.export.runtime import HOST_LATENCY_NOTE, TFLiteRunner, measure_latency
+from bireal_tf.export.metadata import class_names, model_metadata, run_dataset, sidecar_path
+from bireal_tf.export.portable import custom_ops
+from bireal_tf.export.report import BinaryConvCheck, ExportReport, HostLatency, LceAgreement
+from bireal_tf.export.runtime import (HOST_LATENCY_NOTE, LITERT_LATENCY_NOTE, LiteRTRunner,
+                                      TFLiteRunner, measure_latency)
 from bireal_tf.export.size import int8_size_floor, size_floor
 from bireal_tf.models.int8 import fake_quant_layers
 from bireal_tf.models.precision import float32_config, mixed_precision_policies
 from bireal_tf.utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["ExportWarning", "LatencySettings", "convert", "export_tflite", "float32_twin"]
+__all__ = ["TARGETS", "ExportWarning", "LatencySettings", "convert", "convert_portable",
+           "export_tflite", "float32_twin"]
+
+TARGETS = ("lce", "portable")
 
 _ZERO_PADDING = (
     "LCE's optimized LceBconv2d kernel computes zero padding (pad_values=0.0) wrongly when "
@@ -74,6 +86,27 @@ def convert(model, io_type: str = "float32") -> tuple[bytes, float]:
     except Exception as err:
         raise ExportError(f"LCE could not convert model '{model.name}' ({first_line(err, 400)}).") from err
     return bytes(flatbuffer), time.perf_counter() - start
+
+
+def convert_portable(model) -> tuple[bytes, bytes, list, float]:
+    """Portable conversion: (flatbuffer, its float32 twin, the lowered convs, seconds).
+
+    The float twin is the same graph with the binary kernels in float32 (the
+    converter's output before `lower_binary_kernels`).
+    """
+    import tensorflow as tf
+
+    from bireal_tf.export.portable import lower_binary_kernels, portable_twin
+
+    start = time.perf_counter()
+    twin = portable_twin(model)
+    try:
+        float_twin = bytes(tf.lite.TFLiteConverter.from_keras_model(twin).convert())
+    except Exception as err:
+        raise ExportError(f"TFLite could not convert the portable twin of model '{model.name}' "
+                          f"({first_line(err, 400)}).") from err
+    flatbuffer, lowered = lower_binary_kernels(float_twin, model)
+    return flatbuffer, float_twin, lowered, time.perf_counter() - start
 
 
 def float32_twin(model, input_shape=None):
@@ -160,8 +193,10 @@ def _refuse_unless(allowed: bool, flag: str, message: str, report_warnings):
 def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = False,
                   allow_mismatch: bool = False, parity: ParitySettings = ParitySettings(),
                   latency: LatencySettings | None = LatencySettings(), io_type: str = "float32",
-                  input_shape=None, report_path=None) -> ExportReport:
-    """Convert `model` to an LCE .tflite at `path`, verify it and report on it.
+                  input_shape=None, report_path=None, target: str = "lce", dataset=None,
+                  data_dir=None, labels=None, write_predictor=None,
+                  compare_lce: bool = True, lce_path=None) -> ExportReport:
+    """Convert `model` to an LCE (or portable) .tflite at `path`, verify it and report on it.
 
     Args:
         model: a Keras model, or the path of one saved by the training CLI
@@ -182,6 +217,19 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
             tolerance (`ParitySettings.int8_rtol`), its size the int8 floor.
         input_shape: (H, W, C) for a model whose input has free dimensions.
         report_path: also write the report JSON there (atomically).
+        target: "lce" (LCE's custom ops: LceBconv2d, ...) or "portable" (builtin ops only,
+            for stock LiteRT: binary convs as hybrid CONV_2D with int8 +-1 kernels on 0/1
+            inputs, exact; see `bireal_tf.export.portable`). A portable file is checked
+            through LiteRT (`ai_edge_litert`) and, with `compare_lce`, against the LCE
+            file of the same model on the parity inputs.
+        dataset, data_dir, labels: what the predictor needs (the class names and the
+            evaluation preprocessing of `dataset`), written as `<path>.json`. Default: the
+            dataset recorded by the training CLI beside a saved model (summary.json);
+            `labels` (a list of class names) overrides the dataset's names.
+        write_predictor: write `<path>.json` and copy `predict.py` beside the .tflite
+            (default: for target "portable").
+        compare_lce, lce_path: portable target: compare with the LCE file of the same model
+            (default yes), and also write that LCE file to `lce_path` (CLI --lce-output).
 
     Raises:
         ModelFileError: missing or corrupt model file, missing output directory.
@@ -195,9 +243,33 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
 
     if io_type not in ("float32", "int8"):
         raise ValueError(f"io_type must be 'float32' or 'int8', got {io_type!r}.")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
     out_path = check_output_path(path, "output .tflite")
     if report_path is not None:
         check_output_path(report_path, "report file")
+    if lce_path is not None:
+        if target != "portable" or not compare_lce:
+            raise ValueError("lce_path is for target='portable' with compare_lce=True: the LCE file "
+                             "it is compared with.")
+        lce_path = check_output_path(lce_path, "LCE .tflite")
+    write_predictor = target == "portable" if write_predictor is None else bool(write_predictor)
+    if write_predictor and report_path is not None and Path(report_path) == sidecar_path(out_path):
+        raise ModelFileError(f"The report '{report_path}' would overwrite the predictor's labels and "
+                             "preprocessing file; give the report another name.")
+    predictor = None
+    if write_predictor:
+        if dataset is None:
+            dataset, recorded_dir = run_dataset(model if isinstance(model, (str, os.PathLike)) else None)
+            data_dir = data_dir or recorded_dir
+        if dataset is None:
+            raise ExportError(
+                "The predictor needs the class names and preprocessing of the training data, and "
+                "none is recorded beside the model (no summary.json of a training run). Pass "
+                "dataset='fashion_mnist_embedded' / 'imagenet2012' / ... (CLI --dataset NAME), or "
+                "write_predictor=False (CLI --no-predictor).")
+        predictor = (dataset, [str(n) for n in labels] if labels is not None
+                     else class_names(dataset, data_dir))
     if isinstance(model, (str, os.PathLike)):
         source, model = str(model), load_keras_model(model)
     elif isinstance(model, tf.keras.Model):
@@ -219,6 +291,13 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                         for name, (h, w), (kh, kw) in lce_zero_padding_hazards(model))
 
     quantized = bool(fake_quant_layers(model))
+    if target == "portable":
+        return _export_portable(model, out_path, source=source, keras_precision=keras_precision,
+                                layers=layers, quantized=quantized, io_type=io_type,
+                                sample_inputs=sample_inputs, parity=parity, latency=latency,
+                                allow_mismatch=allow_mismatch, report_path=report_path,
+                                report_warnings=report_warnings, compare_lce=compare_lce,
+                                predictor=predictor, lce_hazard=bool(hazards), lce_path=lce_path)
     if io_type == "int8" and not quantized:
         raise ExportError(
             f"int8 I/O needs a model trained with fake quantization: model '{model.name}' has no "
@@ -300,25 +379,138 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
     # 3. Size and latency.
     size = int8_size_floor(model) if quantized else size_floor(model)
     size.file_bytes, size.ratio = len(flatbuffer), round(len(flatbuffer) / max(1, size.floor_bytes), 4)
-    host = None
-    if latency is not None:
-        results = measure_latency(flatbuffer, x[:1], latency.threads, latency.runs, latency.warmup)
-        host = HostLatency(platform.machine(), platform.processor() or platform.machine(),
-                           os.cpu_count() or 1, HOST_LATENCY_NOTE, latency.warmup, latency.runs,
-                           results)
-    report = ExportReport(
+    report = _new_report(out_path, source, keras_precision, model, graph, io_type, seconds,
+                         _host_latency(flatbuffer, x, latency, "lce"), lce.__version__,
+                         binary_convs=binary_check, parity=check, size=size,
+                         int8=int8_check(model, graph) if quantized else None, warnings=report_warnings)
+    extra = _predictor_files(out_path, graph, *predictor, "lce") if predictor else {}
+    return _write(out_path, flatbuffer, report, report_path, extra)
+
+
+def _host_latency(flatbuffer, x, latency, runtime):
+    """HostLatency of the flatbuffer on `runtime` ("lce" | "litert"), or None without settings."""
+    if latency is None:
+        return None
+    results = measure_latency(flatbuffer, x[:1], latency.threads, latency.runs, latency.warmup,
+                              runtime=runtime)
+    note = HOST_LATENCY_NOTE if runtime == "lce" else LITERT_LATENCY_NOTE
+    return HostLatency(platform.machine(), platform.processor() or platform.machine(),
+                       os.cpu_count() or 1, note, latency.warmup, latency.runs, results)
+
+
+def _new_report(out_path, source, keras_precision, model, graph, io_type, seconds, host,
+                lce_version, **fields) -> ExportReport:
+    import tensorflow as tf
+
+    (lite_in,), (lite_out,) = graph.inputs, graph.outputs
+    return ExportReport(
         tflite_path=str(out_path), source=source, keras_precision=keras_precision,
         model_name=model.name, input_shape=list(lite_in.shape), input_type=lite_in.type,
         output_shape=list(lite_out.shape), output_type=lite_out.type,
-        converter={"io_type": io_type, "lce_version": lce.__version__,
-                   "tensorflow_version": tf.__version__},
+        converter={"io_type": io_type, "lce_version": lce_version, "tensorflow_version": tf.__version__},
         conversion_seconds=round(seconds, 3),
         op_histogram=dict(sorted(graph.histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
-        binary_convs=binary_check, parity=check, size=size, host_latency_ms=host,
-        int8=int8_check(model, graph) if quantized else None,
-        warnings=report_warnings,
-    )
+        host_latency_ms=host, **fields)
+
+
+def _predictor_files(out_path, graph, dataset, names, target) -> dict:
+    """{path: bytes} of `<out>.json` (labels, preprocessing) and predict.py, before any is written."""
+    import json
+
+    classes = int(graph.outputs[0].shape[-1])
+    if len(names) != classes:
+        raise ExportError(f"{len(names)} class names for a model with {classes} outputs; pass the "
+                          "dataset the model was trained on, or as many labels as outputs.")
+    output = "probabilities" if graph.ops and graph.ops[-1].name == "SOFTMAX" else "logits"
+    meta = model_metadata(dataset, int(graph.inputs[0].shape[1]), names, output=output, target=target)
+    return {sidecar_path(out_path): (json.dumps(meta, indent=2) + "\n").encode(),
+            out_path.parent / "predict.py": (Path(__file__).parent / "predict.py").read_bytes()}
+
+
+def _write(out_path, flatbuffer, report, report_path, extra_files):
+    """The .tflite, then the predictor's files, then the report; each atomically."""
     atomic_write_bytes(out_path, flatbuffer)
+    for file, data in extra_files.items():
+        atomic_write_bytes(file, data)
+    if extra_files:
+        report.metadata_path, report.predictor_path = (str(p) for p in extra_files)
     if report_path is not None:
         atomic_write_text(report_path, report.to_json())
     return report
+
+
+def _export_portable(model, out_path, *, source, keras_precision, layers, quantized, io_type,
+                     sample_inputs, parity, latency, allow_mismatch, report_path, report_warnings,
+                     compare_lce, predictor, lce_hazard, lce_path) -> ExportReport:
+    """export_tflite(target="portable"): builtin ops only, checked through stock LiteRT."""
+    if io_type != "float32" and not quantized:
+        raise ExportError("The portable target takes float32 input and output (int8 I/O is for "
+                          "models with fake-quant layers, exported with target='lce').")
+    if quantized:
+        raise ExportError(
+            f"Model '{model.name}' has fake-quant (int8) layers: the portable target converts float "
+            "models only for now (binary convs as int8 +-1 hybrid convs, the rest float32). Export "
+            "the float model it was made from with --portable, or this one with target='lce'.")
+    if not layers:
+        raise ExportError(f"Model '{model.name}' has no Larq binary conv, so there is nothing to "
+                          "lower; a plain float model needs no bireal_tf export.")
+    flatbuffer, float_twin, lowered, seconds = convert_portable(model)
+    graph = TFLiteGraph(flatbuffer)
+    custom = custom_ops(graph)
+    if custom:
+        raise ExportError(f"The portable file of model '{model.name}' still holds custom ops "
+                          f"{custom}; stock LiteRT cannot run it. This is a bug in the lowering.")
+    binary_check = BinaryConvCheck(len(layers), 0, len(lowered) == len(layers), [], {},
+                                   int8_convs=len(lowered))
+
+    x, kind = _parity_inputs(model, sample_inputs, parity)
+    runner = LiteRTRunner(flatbuffer)
+    check, keras = compare_outputs(model, flatbuffer, x, parity, False, runner=runner)
+    check.inputs = kind
+    summary = (f"{check.samples_within_tolerance} of {check.num_samples} inputs agree within "
+               f"{check.tolerance:.3g} (max |difference| {check.max_abs_diff:.4g}, max |output| "
+               f"{check.max_abs_keras_output:.3g}); {check.clear_samples_within_tolerance} of the "
+               f"{check.clear_samples} clear of the sign threshold agree; top-1 agreement "
+               f"{100 * check.top1_agreement:.1f}%")
+    if check.verdict == "mismatch":
+        _refuse_unless(allow_mismatch, "allow_mismatch",
+                       f"The portable .tflite disagrees with the Keras model: {summary}.", report_warnings)
+    elif check.verdict in ("sign_flips", "inconclusive"):
+        _warn(report_warnings, f"Parity {check.verdict}: {summary}. Inputs that differ have an "
+                               "activation within rounding of the sign threshold (sign flips); "
+                               "compare accuracy with `python -m bireal_tf.evaluate` on the file.")
+
+    agreement, lce_file = None, None
+    if compare_lce:
+        try:
+            lce_file, _ = convert(model)
+            # LCE's reference kernel where its optimized one mis-pads (small zero-padded maps).
+            lce_out = TFLiteRunner(lce_file, use_reference_bconv=lce_hazard).predict(x)
+            mine = runner.predict(x)
+            top1 = np.argmax(lce_out.reshape(len(x), -1), 1) == np.argmax(mine.reshape(len(x), -1), 1)
+            agreement = LceAgreement(len(x), float(top1.mean()), float(np.abs(lce_out - mine).max()),
+                                     len(lce_file))
+        except ExportError as err:
+            _warn(report_warnings, f"No comparison with the LCE file: {err}")
+
+    size = size_floor(model)
+    size.floor_bytes = size.binary_params + 4 * (size.float_params + size.batchnorm_params)
+    size.binary_weight_bits = 8
+    size.file_bytes, size.ratio = len(flatbuffer), round(len(flatbuffer) / max(1, size.floor_bytes), 4)
+    size.float_twin_bytes = len(float_twin)
+    size.float_twin_ratio = round(len(flatbuffer) / len(float_twin), 4)
+    report = _new_report(out_path, source, keras_precision, model, graph, io_type, seconds,
+                         _host_latency(flatbuffer, x, latency, "litert"), _lce_version(),
+                         binary_convs=binary_check, parity=check, size=size, warnings=report_warnings,
+                         target="portable", runtime="litert", lce_agreement=agreement)
+    extra = _predictor_files(out_path, graph, *predictor, "portable") if predictor else {}
+    report = _write(out_path, flatbuffer, report, report_path, extra)
+    if lce_path is not None and lce_file is not None:
+        atomic_write_bytes(lce_path, lce_file)
+    return report
+
+
+def _lce_version() -> str:
+    import larq_compute_engine as lce
+
+    return lce.__version__

@@ -1,9 +1,13 @@
-"""Run a .tflite through Larq Compute Engine's interpreter, and time it on this host.
+"""Run a .tflite through Larq Compute Engine's interpreter or stock LiteRT, and time it here.
 
-`larq_compute_engine.testing.Interpreter` registers LCE's custom ops
-(`LceBconv2d`, `LceQuantize`, ...) with TFLite and feeds a batch sample by
+`larq_compute_engine.testing.Interpreter` (TFLiteRunner) registers LCE's custom
+ops (`LceBconv2d`, `LceQuantize`, ...) with TFLite and feeds a batch sample by
 sample. On x86-64 LCE runs portable kernels; its optimized kernels are for
 64-bit ARM, so timings taken here are host latencies, not device latencies.
+
+`LiteRTRunner` runs a file of builtin ops (a portable export, a float model)
+through stock LiteRT (`ai_edge_litert`, the TFLite runtime a Raspberry Pi or an
+Android app has), with its default XNNPACK delegate.
 """
 
 import statistics
@@ -12,13 +16,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["HOST_LATENCY_NOTE", "TFLiteRunner", "measure_latency"]
+__all__ = ["HOST_LATENCY_NOTE", "LITERT_LATENCY_NOTE", "RUNNERS", "LiteRTRunner", "TFLiteRunner",
+           "measure_latency"]
 
 HOST_LATENCY_NOTE = (
     "Host latency through LCE's Python interpreter, batch 1, median of the timed runs after "
     "warm-up. On x86-64 LCE runs portable (reference-class) kernels; its fast kernels are for "
     "64-bit ARM (aarch64: Android phones, Raspberry Pi with a 64-bit OS). This is not device "
     "latency: measure that on the device with LCE's lce_benchmark_model."
+)
+
+
+LITERT_LATENCY_NOTE = (
+    "Host latency through stock LiteRT (ai_edge_litert, default XNNPACK delegate), batch 1, median "
+    "of the timed runs after warm-up, on the exporting machine. Not device latency: measure on the "
+    "device (LiteRT's benchmark_model, or the predictor's timing)."
 )
 
 
@@ -29,6 +41,8 @@ class TFLiteRunner:
     int8), an int8 output dequantized as (q - zero_point) * scale, with the
     tensor's own scale and zero point.
     """
+
+    runtime = "lce"
 
     def __init__(self, flatbuffer: bytes, num_threads: int = 1, use_reference_bconv: bool = False):
         from larq_compute_engine import testing as lce_testing
@@ -63,12 +77,64 @@ class TFLiteRunner:
         return y.astype(np.float32)
 
 
+class LiteRTRunner(TFLiteRunner):
+    """TFLiteRunner's interface on stock LiteRT (`ai_edge_litert.interpreter.Interpreter`).
+
+    Builtin ops only: a file with custom ops (LCE's) fails to load with LiteRT's own
+    message ("Encountered unresolved custom op: LceQuantize").
+    """
+
+    runtime = "litert"
+
+    def __init__(self, flatbuffer: bytes, num_threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_content=bytes(flatbuffer), num_threads=int(num_threads))
+        self.interpreter.allocate_tensors()
+        (self._in,), (self._out,) = (self.interpreter.get_input_details(),
+                                     self.interpreter.get_output_details())
+        if self._in["shape"][0] != 1:
+            raise ValueError(f"expected a batch-1 input, got {self._in['shape'].tolist()}")
+        self.input_shape = tuple(int(d) for d in self._in["shape"])
+        self.output_shape = tuple(int(d) for d in self._out["shape"])
+        self.input_dtype = np.dtype(self._in["dtype"])
+        self.output_dtype = np.dtype(self._out["dtype"])
+
+    def predict(self, x) -> np.ndarray:
+        """x float [N, *input_shape[1:]] -> float outputs [N, *output_shape[1:]]."""
+        x = np.asarray(x, np.float32)
+        if x.shape[1:] != self.input_shape[1:]:
+            raise ValueError(f"input of shape {x.shape} does not fit the flatbuffer's input "
+                             f"{self.input_shape} (batch dimension aside)")
+        i, outputs = self.interpreter, []
+        (in_scale, in_zero), (out_scale, out_zero) = self._in["quantization"], self._out["quantization"]
+        for sample in x:
+            if self.input_dtype != np.float32:
+                info = np.iinfo(self.input_dtype)
+                sample = np.clip(np.round(sample / in_scale) + in_zero, info.min, info.max)
+            i.set_tensor(self._in["index"], sample[None].astype(self.input_dtype))
+            i.invoke()
+            y = i.get_tensor(self._out["index"])[0]
+            if self.output_dtype != np.float32:
+                y = (y.astype(np.float32) - out_zero) * out_scale
+            outputs.append(np.asarray(y, np.float32))
+        if not outputs:
+            return np.zeros((0,) + self.output_shape[1:], np.float32)
+        return np.stack(outputs)
+
+
+RUNNERS = {"lce": TFLiteRunner, "litert": LiteRTRunner}
+
+
 def measure_latency(flatbuffer: bytes, sample: np.ndarray, threads: Sequence[int] = (1, 2),
-                    runs: int = 10, warmup: int = 2) -> list[dict]:
-    """Median / min wall time in ms of one batch-1 inference, per thread count."""
+                    runs: int = 10, warmup: int = 2, runtime: str = "lce") -> list[dict]:
+    """Median / min wall time in ms of one batch-1 inference, per thread count.
+
+    `runtime`: "lce" (LCE's interpreter) or "litert" (stock LiteRT; builtin ops only).
+    """
     results = []
     for n in threads:
-        runner = TFLiteRunner(flatbuffer, num_threads=int(n))
+        runner = RUNNERS[runtime](flatbuffer, num_threads=int(n))
         x = np.asarray(sample)[:1]
         for _ in range(warmup):
             runner.predict(x)

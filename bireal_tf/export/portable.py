@@ -1,0 +1,313 @@
+"""The portable lowering: a Bi-Real Net as a .tflite of builtin ops only, for stock LiteRT.
+
+A binary conv computes y = a_c * sum(sign(x) * sign(W)) over its window (Larq's
+sign(0) = +1, `a_c` the per-channel magnitude scale), and that sum is an integer.
+Stock TFLite has no 1-bit conv, but its *hybrid* CONV_2D (float input, int8 weights)
+quantizes the input on the fly and sums in int32, which is exact for the right values.
+Which values are right is the catch: the hybrid kernels (TFLite's per-channel one and
+XNNPACK's) quantize the input *asymmetrically* per image, q = round(x / s) + z with
+s = (max - min) / 255. Inputs in {-1, +1} land on q = 127 and -128 around a zero
+point of -1, i.e. +1.0039 and -0.9961: every sum is off (measured: 0.4-0.7 in
+outputs of +-190). Inputs in {0, 1} are exact (s = 1/255, z = -128: q = -128, 127).
+So the lowering binarizes to bits and shifts the sum back:
+
+    b = [x >= 0]                        (GREATER_EQUAL + CAST; sign(0) = +1)
+    sign(x) = 2b - 1
+    y = conv(2b - 1, Wq) = conv(b, 2 Wq) - sum_window(Wq)
+
+where Wq = a_c sign(W) and sum_window(Wq) is what the `-1`s contribute. For a
+window inside the (padded) input that is sum over (kh, kw, c_in) of Wq, one number
+per channel, which becomes the conv's bias. Padding:
+
+- `pad_values=1` (LCE's own): b is padded with 1 (PADV2), every window is full, the
+  bias is the whole correction.
+- `pad_values=0`: pad with 1 as well, then subtract the taps that fall on the padding,
+  a constant map `border` [1, H_out, W_out, C] (zero inside, the out-of-image taps'
+  sum of Wq on the rim). It is stored as float32, H_out * W_out * C values per conv.
+
+The twin (a Keras graph with these layers in place of the binary convs, the other
+layers untouched) is converted with the plain `tf.lite.TFLiteConverter` to float32.
+The BatchNorm after each binary conv is folded into it first (scale g_c, offset):
+its kernel becomes 2 a_c g_c sign(W), one magnitude per output channel. `lower_binary_kernels` then stores each such kernel as int8 +-1 with
+that magnitude as its per-channel scale (zero point 0), which makes the CONV_2D a
+hybrid one (version 5, as the converter's own dynamic-range quantization writes it).
+The integer sum is exact (|sum| <= 255 * 9 * C_in < 2^31); it is rounded once, when
+the kernel multiplies it by the two float scales. Every other layer stays float32.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from bireal_tf.export.files import ExportError
+from bireal_tf.models import binary_conv_layers
+
+__all__ = ["HYBRID_CONV_VERSION", "PortableBinaryConv2D", "custom_ops", "is_portable_file", "lower_binary_kernels",
+           "portable_twin"]
+
+HYBRID_CONV_VERSION = 5  # what TFLite's dynamic-range quantizer writes for a per-channel hybrid conv
+_SIGN_PROBE = np.array([-2.0, -1.0, -0.3, -1e-30, 0.0, 1e-30, 0.3, 1.0, 2.0], np.float32)
+
+
+def _same_padding(size, kernel, stride, dilation):
+    """(before, after) of TF's "same" padding along one axis (Larq pads this way too)."""
+    extent = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + extent - size, 0)
+    return total // 2, total - total // 2
+
+
+class PortableBinaryConv2D(tf.keras.layers.Layer):
+    """A binary conv in builtin ops: y = conv_valid(pad_1([x >= 0]), 2 Wq) + bias - border.
+
+    `kernel` is 2 Wq [kh, kw, c_in, c_out], `bias` -sum(Wq) (plus the layer's own bias),
+    `border` the zero-padding correction [1, H_out, W_out, c_out] or None (module doc).
+    Constants, not weights: the layer exists only to be converted.
+    """
+
+    def __init__(self, kernel, bias, border, paddings, strides, dilation_rate, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel = np.asarray(kernel, np.float32)
+        self.bias = np.asarray(bias, np.float32)
+        self.border = None if border is None else np.asarray(border, np.float32)
+        self.paddings = [[0, 0], list(paddings[0]), list(paddings[1]), [0, 0]]
+        self.conv_strides = tuple(strides)
+        self.dilation_rate = tuple(dilation_rate)
+        self.activation = tf.keras.activations.get(activation)
+
+    def call(self, inputs):
+        bits = tf.cast(inputs >= 0, tf.float32)
+        if any(p for pair in self.paddings for p in pair):
+            bits = tf.pad(bits, self.paddings, constant_values=1.0)  # sign = +1 on the padding
+        y = tf.nn.conv2d(bits, self.kernel, (1, *self.conv_strides, 1), "VALID",
+                         dilations=(1, *self.dilation_rate, 1))
+        y = y + self.bias
+        if self.border is not None:
+            y = y - self.border
+        return self.activation(y)
+
+    @classmethod
+    def from_larq(cls, layer, batchnorm=None):
+        """The portable form of a Larq binary QuantConv2D; ExportError names what does not fit.
+
+        `batchnorm`, the BatchNormalization that alone reads the conv, is folded in:
+        y -> s y + t per channel with s = gamma / sqrt(var + eps), t = beta - mean s.
+        """
+        problem = _unsupported(layer)
+        if problem:
+            raise ExportError(f"Binary conv '{layer.name}' cannot be lowered to builtin ops: {problem}")
+        wq = _quantized_kernel(layer)
+        scale = np.abs(wq).reshape(-1, wq.shape[-1])
+        if not np.all(scale.max(0) > 0) or not np.allclose(scale.min(0), scale.max(0), rtol=1e-6, atol=0):
+            raise ExportError(
+                f"Binary conv '{layer.name}': its kernel quantizer gives more than one magnitude in "
+                "an output channel (or a zero), so the kernel is not +-1 times a per-channel scale "
+                "and cannot be stored as int8 +-1. Use a sign-like kernel quantizer "
+                "(bireal_tf's MagnitudeAwareSign, Larq's ste_sign).")
+        wq = np.sign(wq) * scale.max(0)
+        h, w = (int(d) for d in layer.input.shape[1:3])
+        kh, kw = layer.kernel_size
+        if layer.padding == "same":
+            paddings = [_same_padding(h, kh, layer.strides[0], layer.dilation_rate[0]),
+                        _same_padding(w, kw, layer.strides[1], layer.dilation_rate[1])]
+        else:
+            paddings = [(0, 0), (0, 0)]
+        bias = -wq.sum(axis=(0, 1, 2))
+        if layer.use_bias:
+            bias = bias + np.asarray(layer.bias, np.float32)
+        border = None
+        if any(p for pair in paddings for p in pair) and float(layer.pad_values) == 0.0:
+            # Sum of Wq over the taps that land on the padding, per output position.
+            on_padding = np.pad(np.zeros((1, h, w, 1), np.float32),
+                                [[0, 0], list(paddings[0]), list(paddings[1]), [0, 0]], constant_values=1.0)
+            border = tf.nn.conv2d(on_padding, wq.sum(axis=2, keepdims=True), (1, *layer.strides, 1),
+                                  "VALID", dilations=(1, *layer.dilation_rate, 1)).numpy()
+        kernel = 2.0 * wq
+        if batchnorm is not None:
+            s, t = _batchnorm_affine(batchnorm)
+            kernel, bias = kernel * s, bias * s + t
+            border = None if border is None else border * s
+        return cls(kernel, bias, border, paddings, layer.strides, layer.dilation_rate,
+                   activation=tf.keras.activations.serialize(layer.activation), name=layer.name)
+
+
+def _batchnorm_affine(bn):
+    """(s, t) with BN(y) = s y + t in inference, per channel."""
+    weights = dict(zip((w.name.split("/")[-1].split(":")[0] for w in bn.weights), bn.get_weights()))
+    mean, var = weights["moving_mean"], weights["moving_variance"]
+    s = weights.get("gamma", np.ones_like(mean)) / np.sqrt(var + bn.epsilon)
+    return s.astype(np.float32), (weights.get("beta", np.zeros_like(mean)) - mean * s).astype(np.float32)
+
+
+def _folded_batchnorms(model, binary) -> dict:
+    """{binary conv name: the BatchNormalization that alone reads it} for convs without activation."""
+    found = {}
+    for layer in model.layers:
+        if layer.name not in binary or tf.keras.activations.serialize(layer.activation) != "linear":
+            continue
+        readers = [node.outbound_layer for node in layer._outbound_nodes]
+        if (len(readers) == 1 and isinstance(readers[0], tf.keras.layers.BatchNormalization)
+                and len(readers[0]._inbound_nodes) == 1 and readers[0].axis in ([-1], [3], -1, 3)):
+            found[layer.name] = readers[0]
+    return found
+
+
+def _quantized_kernel(layer) -> np.ndarray:
+    """The layer's kernel as its kernel quantizer gives it (a constant: no gradient tape)."""
+    return np.asarray(layer.kernel_quantizer(tf.constant(np.asarray(layer.kernel))), np.float32)
+
+
+def _unsupported(layer) -> str:
+    """Why `layer` (a Larq binary conv) cannot be lowered, or ''."""
+    if layer.data_format != "channels_last":
+        return "only channels_last is supported."
+    if getattr(layer, "groups", 1) != 1:
+        return f"grouped convs (groups={layer.groups}) are not supported."
+    if layer.padding not in ("same", "valid"):
+        return f"padding {layer.padding!r} is not supported (same or valid)."
+    if float(layer.pad_values) not in (0.0, 1.0):
+        return f"pad_values={layer.pad_values} is not supported (0 or 1)."
+    if None in tuple(layer.input.shape[1:3]):
+        return "its input has a free height or width; export with a fixed input_shape."
+    probe = np.asarray(layer.input_quantizer(tf.constant(_SIGN_PROBE)))
+    if not np.array_equal(probe, np.where(_SIGN_PROBE >= 0, 1.0, -1.0)):
+        return (f"its input quantizer is not sign with sign(0) = +1 (on {_SIGN_PROBE.tolist()} it "
+                f"gives {probe.tolist()}).")
+    return ""
+
+
+def portable_twin(model) -> tf.keras.Model:
+    """`model` (a float32 functional model) with every binary conv a PortableBinaryConv2D.
+
+    Same layer names; the other layers are rebuilt from their configs with their weights.
+    A BatchNormalization that alone reads a binary conv is folded into it here (and
+    becomes an identity), so the lowering does not depend on the converter's fusions.
+    """
+    binary = {layer.name for layer in binary_conv_layers(model)}
+    if any(isinstance(layer, tf.keras.Model) for layer in model.layers):
+        raise ExportError(f"Model '{model.name}' nests models; the portable export takes a flat "
+                          "functional model (as bireal_tf's builders make).")
+
+    folded = _folded_batchnorms(model, binary)
+    absorbed = {bn.name for bn in folded.values()}
+
+    def clone(layer):
+        if layer.name in binary:
+            return PortableBinaryConv2D.from_larq(layer, folded.get(layer.name))
+        if layer.name in absorbed:  # folded into the conv before it
+            return tf.keras.layers.Activation("linear", name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    try:
+        twin = tf.keras.models.clone_model(model, clone_function=clone)
+    except ExportError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"Model '{model.name}' cannot be rebuilt with portable binary convs "
+                          f"({type(err).__name__}: {err}); pass a functional model.") from err
+    for layer in model.layers:
+        if layer.name not in binary | absorbed and layer.weights:
+            twin.get_layer(layer.name).set_weights(layer.get_weights())
+    return twin
+
+
+@dataclass
+class LoweredConv:
+    """One binary conv found in the float flatbuffer and stored as int8 +-1."""
+
+    layer: str
+    tensor: str
+    out_channels: int
+    negative_channels: int  # channels whose folded BatchNorm scale is negative (sign flipped)
+
+
+def _signs_ohwi(layer) -> np.ndarray:
+    """The binarized kernel of a Keras binary conv in TFLite's filter layout [O, H, W, I], True = -1."""
+    return np.transpose(_quantized_kernel(layer) < 0, (3, 0, 1, 2))
+
+
+def lower_binary_kernels(flatbuffer: bytes, model) -> tuple[bytes, list]:
+    """Store every binary conv's float kernel of `flatbuffer` as int8 +-1 with a per-channel scale.
+
+    A CONV_2D belongs to Keras binary conv `layer` when its float filter has one magnitude
+    per output channel and the sign pattern of the layer's binarized kernel up to a flip
+    per channel (a negative BatchNorm scale folded in). Returns (new flatbuffer, the
+    LoweredConv of each layer). ExportError when a binary conv is not found.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    graph = fb.subgraphs[0]
+    codes = fb.operatorCodes
+    conv_code = schema.BuiltinOperator.CONV_2D
+    wanted = {layer.name: _signs_ohwi(layer) for layer in binary_conv_layers(model)}
+    hybrid_code = None
+    lowered = []
+    for op in graph.operators:
+        code = codes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) != conv_code or not wanted:
+            continue
+        tensor = graph.tensors[op.inputs[1]]
+        buffer = fb.buffers[tensor.buffer]
+        if tensor.type != schema.TensorType.FLOAT32 or buffer.data is None:
+            continue
+        kernel = np.frombuffer(bytes(buffer.data), "<f4").reshape(tensor.shape)
+        magnitude = np.abs(kernel).reshape(len(kernel), -1)
+        if not (np.all(magnitude.max(1) > 0) and np.array_equal(magnitude.min(1), magnitude.max(1))):
+            continue
+        negative = kernel < 0
+        name = next((n for n, s in wanted.items() if s.shape == negative.shape and all(
+            np.array_equal(a, b) or np.array_equal(a, ~b) for a, b in zip(s, negative))), None)
+        if name is None:
+            continue
+        flipped = sum(not np.array_equal(a, b) for a, b in zip(wanted.pop(name), negative))
+        buffer.data = np.where(negative, -1, 1).astype(np.int8).tobytes()
+        tensor.type = schema.TensorType.INT8
+        q = schema.QuantizationParametersT()
+        q.scale = magnitude.max(1).astype(np.float32).tolist()
+        q.zeroPoint = [0] * len(kernel)
+        q.quantizedDimension = 0
+        tensor.quantization = q
+        if hybrid_code is None:
+            new = schema.OperatorCodeT()
+            new.builtinCode = conv_code
+            new.deprecatedBuiltinCode = min(conv_code, 127)
+            new.version = HYBRID_CONV_VERSION
+            codes.append(new)
+            hybrid_code = len(codes) - 1
+        op.opcodeIndex = hybrid_code
+        lowered.append(LoweredConv(name, tensor.name.decode() if isinstance(tensor.name, bytes)
+                                   else str(tensor.name), len(kernel), int(flipped)))
+    if wanted:
+        raise ExportError(
+            f"The portable conversion lost track of {len(wanted)} binary conv(s) of model "
+            f"'{model.name}' ({', '.join(sorted(wanted))}): no float CONV_2D in the converted file has "
+            "their sign pattern with one magnitude per channel. The converter changed the graph in "
+            "a way the lowering does not know; export with target='lce' instead.")
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(fb)), lowered
+
+
+def custom_ops(graph) -> list:
+    """Names of the custom ops (LCE's or any other) in a TFLiteGraph; [] for builtin ops only."""
+    from larq_compute_engine.mlir.python import tflite_schema as schema
+
+    builtin = {k for k in vars(schema.BuiltinOperator) if not k.startswith("_") and k != "CUSTOM"}
+    return sorted(n for n in graph.histogram if n not in builtin and not n.startswith("BUILTIN_"))
+
+
+def is_portable_file(flatbuffer: bytes) -> bool:
+    """Whether a flatbuffer looks like a portable export: builtin ops only, and binary convs
+    as hybrid CONV_2D (an int8 kernel +-1 on a float32 activation)."""
+    from bireal_tf.export.flatbuffer import TFLiteGraph
+
+    graph = TFLiteGraph(flatbuffer)
+    if custom_ops(graph):
+        return False
+    for op in graph.ops:
+        if op.name != "CONV_2D" or graph.tensors[op.inputs[1]].type != "int8":
+            continue
+        if graph.tensors[op.inputs[0]].type == "float32" and not graph.is_constant(op.inputs[0]):
+            return True
+    return False
