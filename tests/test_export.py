@@ -515,3 +515,31 @@ def test_deep_nets_convert_fully_binary_and_match_keras(depth, tmp_path):
     # With 10 classes the file is slightly under the floor (R50: 0.9958): LCE folds
     # each BatchNorm after a float conv into that conv's bias, 1 float per channel, not 2.
     assert 0.995 <= report.size.ratio <= 1 + FLOOR_TOLERANCE
+
+
+def test_conversion_through_the_serving_function_gives_the_flatbuffers_of_keras_conversion():
+    """`save_for_conversion` saves only the serving function: LCE's and TFLite's files are
+    byte for byte those of converting the Keras model itself (which traces far more)."""
+    import larq_compute_engine as lce
+
+    from bireal_tf.export.portable import portable_twin
+
+    model = tiny_binary_model(size=16)
+    ours, _ = convert_module.convert(model)
+    assert ours == bytes(lce.convert_keras_model(model))
+    # TFLite's conversion metadata records the source kind (Keras model or SavedModel):
+    # the files differ there only, so compare what the interpreter sees and computes.
+    _, float_twin, _, _ = convert_module.convert_portable(model)
+    keras_twin = bytes(tf.lite.TFLiteConverter.from_keras_model(portable_twin(model)).convert())
+    x = normalized_like(2, 16, channels=32)
+    seen = []
+    for flatbuffer in (float_twin, keras_twin):
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+        interpreter.resize_tensor_input(0, x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        seen.append((len(flatbuffer), [op["op_name"] for op in interpreter._get_ops_details()],
+                     [(t["name"], tuple(t["shape"])) for t in interpreter.get_tensor_details()],
+                     interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).tolist()))
+    assert seen[0] == seen[1]
