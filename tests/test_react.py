@@ -98,18 +98,38 @@ def distinct_state(depth, num_classes=10):
 
 
 def random_state(depth, num_classes=10, seed=0):
-    """A ReActNet state dict with weights a trained net could have (BatchNorm variances > 0)."""
+    """A ReActNet state dict a trained net could have: kernels ~ N(0, 1/fan-in), BatchNorm
+    variances > 0, shifts around 0, PReLU slopes around torch's 0.25; logits of a few units."""
     rng = np.random.default_rng(seed)
     state = {}
     for key, shape in reactnet_shapes(depth, num_classes).items():
         if key.endswith("running_var"):
-            state[key] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+            state[key] = rng.uniform(0.5, 2.0, shape)
             state[key[: -len("running_var")] + "num_batches_tracked"] = np.array(100, np.int64)
+        elif key.endswith("bn1.weight") or key.endswith("downsample.2.weight"):
+            state[key] = rng.uniform(0.5, 1.5, shape)
         elif key.endswith("prelu.weight"):
-            state[key] = rng.normal(0.25, 0.3, shape).astype(np.float32)
-        else:
-            state[key] = rng.normal(0, 0.5, shape).astype(np.float32)
-    return state
+            state[key] = rng.normal(0.25, 0.3, shape)
+        elif len(shape) in (2, 4) and not key.endswith(".bias"):  # conv and fc kernels
+            state[key] = rng.normal(0, 1 / np.sqrt(np.prod(shape[1:])), shape)
+        else:  # shifts, BatchNorm biases and means, fc bias
+            state[key] = rng.normal(0, 0.3, shape)
+    return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in state.items()}
+
+
+def randomize_react_layers(model, seed):
+    """BatchNorm, shifts and slopes at random values a trained net could have; kernels
+    stay at the builder's initialisation (they keep the logits at a few units)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            c = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c),
+                               rng.normal(0, 0.3, c), rng.uniform(0.5, 2.0, c)])
+        elif isinstance(layer, LearnableBias):
+            layer.set_weights([rng.normal(0, 0.3, layer.bias.shape)])
+        elif isinstance(layer, tf.keras.layers.PReLU):
+            layer.set_weights([rng.normal(0.25, 0.3, layer.alpha.shape)])
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +193,7 @@ def test_50_layers_refuse_the_react_block():
 def test_reactnet34_structure_and_lce_conversion(tmp_path):
     """ReActNet-34's names, shapes and starting values; LCE makes each of its 32 binary convs
     an LceBconv2d, with the shifts and PReLU around them, and the .tflite computes the Keras
-    logits (random weights, shifts and slopes)."""
+    logits (random BatchNorm, shifts and slopes)."""
     model = BiRealNet34(block="react", padding="symmetric", num_classes=10, input_shape=(72, 72, 3),
                         classifier_activation=None)
     check_names_shapes_and_count(model, 34, num_classes=10)
@@ -184,13 +204,7 @@ def test_reactnet34_structure_and_lce_conversion(tmp_path):
     assert all(not layer.bias.numpy().any() for layer in shifts)
     assert all((layer.alpha.numpy() == 0.25).all() for layer in slopes)
 
-    rng = np.random.default_rng(34)
-    for layer in model.layers:
-        if layer.weights:
-            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32)
-                               if "variance" in w.name or "gamma" in w.name
-                               else rng.normal(0, 0.5, w.shape).astype(np.float32)
-                               for w in layer.weights])
+    randomize_react_layers(model, seed=34)
     path = tmp_path / "react34.tflite"
     report = export_tflite(model, path, latency=None, parity=ParitySettings(samples=8, pool=4))
     hist = op_histogram(path.read_bytes())
