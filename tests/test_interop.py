@@ -16,6 +16,7 @@ import larq_zoo
 from bireal_tf.interop import CheckpointError, from_pytorch, load_checkpoint, read_torch_zip
 from bireal_tf.models import BiRealNet18, WeightsUnavailableError, from_larq_zoo
 from tests.torch_files import write_torch_zip
+from tests.torch_parity import assert_logits_match, assert_same_state, logits_and_clear_inputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MARKER = "BIREAL_TF_PICKLE_RAN_CODE"
@@ -433,31 +434,14 @@ def test_pytorch_outputs(tmp_path, depth, capsys):
     torch.save({"epoch": 1, "state_dict": wrapped.state_dict(),
                 "best_top1_acc": torch.tensor(12.5), "optimizer": optimizer.state_dict()}, path)
 
-    # Inputs whose every sign input is clear of zero (torch's sign(0) = 0, ours +1).
-    margins = []
-    hooks = [m.register_forward_hook(lambda m, i, o: margins.append(
-        (i[0].abs().flatten(1).min(1).values / i[0].abs().flatten(1).max(1).values)))
-        for m in net.modules() if isinstance(m, BinaryActivation)]
     x = torch.randn(CANDIDATES, 3, 32, 32)
-    with torch.no_grad():
-        logits = net(x).numpy()
-    for h in hooks:
-        h.remove()
-    clear = (torch.stack(margins).min(0).values > MARGIN[depth]).numpy()
-    assert clear.sum() >= 4, f"{int(clear.sum())} clear inputs"
-
+    logits, clear, _ = logits_and_clear_inputs(net, BinaryActivation, x, MARGIN[depth])
     model = from_pytorch(path, depth, input_shape=(32, 32, 3), classifier_activation=None)
-    ours = model(x.numpy().transpose(0, 2, 3, 1), training=False).numpy()
-    rel = np.abs(ours - logits)[clear].max() / np.abs(logits[clear]).max()
-    top1 = (ours[clear].argmax(1) == logits[clear].argmax(1)).mean()
-    with capsys.disabled():
-        print(f"\n[torch parity] Bi-Real-{depth}: {int(clear.sum())}/{CANDIDATES} clear inputs, "
-              f"max relative difference {rel:.2e}, top-1 agreement {top1:.3f}")
-    assert rel < 1e-4 and top1 == 1.0
+    assert_logits_match(model, x, logits, clear, f"Bi-Real-{depth}", capsys)
 
     # Both readers agree on the file torch wrote.
-    a, b = load_checkpoint(path, reader="torch"), load_checkpoint(path, reader="restricted")
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert_same_state(load_checkpoint(path, reader="torch"),
+                      load_checkpoint(path, reader="restricted"))
     if depth == 18:  # the tests' own zip writer is read by torch as torch's files
         mini = tmp_path / "mini.pt"
         write_torch_zip({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, mini)

@@ -18,20 +18,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import larq_compute_engine as lce
 import numpy as np
 import pytest
 import tensorflow as tf
+from larq_compute_engine.tflite.python.interpreter import Interpreter
 
 from bireal_tf.export import ParitySettings, export_tflite
 from bireal_tf.interop import CheckpointError, from_pytorch, load_checkpoint
 from bireal_tf.interop.__main__ import main as interop_cli
-from bireal_tf.models import (BiRealNet34, BiRealNet50, LearnableBias,
+from bireal_tf.models import (BiRealNet34, BiRealNet50, LearnableBias, TorchConvPadding2D,
                               binary_conv_layers, bireal_net)
 from bireal_tf.quantizers import ApproxSign
 from tests.lce_utils import op_histogram
 from tests.test_interop import authors_wrapper
 from tests.test_interop import random_state as bireal_random_state
 from tests.torch_files import write_torch_zip
+from tests.torch_parity import assert_logits_match, assert_same_state, logits_and_clear_inputs
 
 BLOCKS = {18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}
 MARGIN = 2e-6  # every sign input at least this x its layer's max away from zero (the export's margin)
@@ -178,6 +181,23 @@ def test_step1_checkpoint_builds_binary_activations_with_real_weights(reactnet18
     np.testing.assert_array_equal(step1.get_layer("layer3_1_binary_conv").kernel.numpy(),
                                   state["layer3.1.binary_conv.weight"].transpose(2, 3, 1, 0))
 
+
+
+def test_symmetric_padding_survives_lce_conversion():
+    """The authors' padding of strided real convs (the 7x7 stem; 3x3 in the real-valued
+    variants) stays theirs in the .tflite. LCE's converter folds a pad with equal sides
+    into "same", which pads differently at stride 2 on even sizes."""
+    for size in (64, 65):  # LCE keeps the pad (even) or folds it (odd)
+        x = inputs = tf.keras.layers.Input((size, size, 3))
+        for pad, kernel in ((3, 7), (1, 3)):
+            x = TorchConvPadding2D(pad, kernel, strides=2)(x)
+            x = tf.keras.layers.Conv2D(8, kernel, strides=2, padding="valid", use_bias=False)(x)
+        model = tf.keras.Model(inputs, x)
+        images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
+        keras = model(images).numpy()
+        tflite = Interpreter(lce.convert_keras_model(model)).predict(images)
+        assert np.abs(keras).max() > 1.0
+        np.testing.assert_allclose(tflite, keras, rtol=0, atol=1e-5 * np.abs(keras).max())
 
 
 def test_50_layers_refuse_the_react_block():
@@ -372,38 +392,20 @@ def test_pytorch_outputs_of_reactnets_own_code(tmp_path, depth, step, capsys):
     path = tmp_path / "checkpoint.pth.tar"
     save_as_reactnet_train_py(net, path)
 
-    # Inputs whose every sign input is clear of zero (torch's sign(0) = 0, ours +1).
-    margins = []
-    hooks = [m.register_forward_hook(lambda m, i, o: margins.append(
-        i[0].abs().flatten(1).min(1).values / i[0].abs().flatten(1).max(1).values))
-        for m in net.modules() if isinstance(m, module.BinaryActivation)]
     x = torch.randn(CANDIDATES, 3, 32, 32)
-    with torch.no_grad():
-        logits = net(x).numpy()
-    for h in hooks:
-        h.remove()
-    assert len(margins) == sum(BLOCKS[depth])
-    clear = (torch.stack(margins).min(0).values > MARGIN).numpy()
-    assert clear.sum() >= 4, f"{int(clear.sum())} clear inputs"
-
+    logits, clear, signs = logits_and_clear_inputs(net, module.BinaryActivation, x, MARGIN)
+    assert signs == sum(BLOCKS[depth])
     model = from_pytorch(path, depth, arch="reactnet", step=step, input_shape=(32, 32, 3),
                          classifier_activation=None)
     assert model.count_params() == sum(p.numel() for p in net.parameters()) + sum(
         b.numel() for name, b in net.named_buffers() if "running" in name)
-    ours = model(x.numpy().transpose(0, 2, 3, 1), training=False).numpy()
-    rel = np.abs(ours - logits)[clear].max() / np.abs(logits[clear]).max()
-    top1 = (ours[clear].argmax(1) == logits[clear].argmax(1)).mean()
-    with capsys.disabled():
-        print(f"\n[torch parity] ReActNet-{depth} step {step}: {int(clear.sum())}/{CANDIDATES} "
-              f"clear inputs, max relative difference {rel:.2e}, top-1 agreement {top1:.3f}")
-    assert rel < 1e-4 and top1 == 1.0
+    assert_logits_match(model, x, logits, clear, f"ReActNet-{depth} step {step}", capsys)
 
-    # The restricted reader reads torch's file as torch does; so does torch's legacy format,
-    # which torch 1.4 (ReActNet's pin) wrote.
-    a, b = load_checkpoint(path, reader="torch"), load_checkpoint(path, reader="restricted")
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    # The restricted reader reads torch's file as torch does; torch reads its legacy
+    # format, which torch 1.4 (ReActNet's pin) wrote, to the same tensors.
+    state = load_checkpoint(path, reader="torch")
+    assert_same_state(state, load_checkpoint(path, reader="restricted"))
     if depth == 18 and step == 2:
         legacy = tmp_path / "legacy.pth.tar"
         save_as_reactnet_train_py(net, legacy, _use_new_zipfile_serialization=False)
-        c = load_checkpoint(legacy, reader="torch")
-        assert set(a) == set(c) and all(np.array_equal(a[k], c[k]) for k in a)
+        assert_same_state(state, load_checkpoint(legacy, reader="torch"))
