@@ -2,6 +2,7 @@
 
 Everything here runs without network and, except `test_pytorch_outputs`, without torch.
 """
+import json
 import os
 import re
 import subprocess
@@ -272,11 +273,13 @@ def test_cli_checkpoint_to_keras_to_verified_tflite(tmp_path):
     from bireal_tf.export import op_histogram
 
     ckpt = tmp_path / "checkpoint.pth.tar"
-    write_torch_zip(authors_wrapper(random_state(18, num_classes=5)), ckpt)
+    state = random_state(18, num_classes=5)
+    state["fc.weight"] *= 1e-3  # logits of a few units: a saturated softmax hides a wrong .tflite
+    write_torch_zip(authors_wrapper(state), ckpt)
     out = subprocess.run(
         [sys.executable, "-m", "bireal_tf.interop", str(ckpt), "--depth", "18",
          "-o", str(tmp_path / "model.keras"), "--export", str(tmp_path / "model.tflite"),
-         "--input-size", "96"],
+         "--report", str(tmp_path / "report.json"), "--input-size", "96"],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
     )
@@ -287,6 +290,8 @@ def test_cli_checkpoint_to_keras_to_verified_tflite(tmp_path):
     hist = op_histogram((tmp_path / "model.tflite").read_bytes())
     assert hist["LceBconv2d"] == 16
     assert hist.get("CONV_2D", 0) == 4  # conv1 and the three 1x1 shortcuts stay float
+    parity = json.loads((tmp_path / "report.json").read_text())["parity"]
+    assert parity["verdict"] == "exact" and parity["max_abs_keras_output"] < 0.99, parity
 
 
 def test_cli_refuses_a_bad_checkpoint(tmp_path):
