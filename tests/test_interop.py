@@ -291,7 +291,8 @@ def test_cli_checkpoint_to_keras_to_verified_tflite(tmp_path):
     assert hist["LceBconv2d"] == 16
     assert hist.get("CONV_2D", 0) == 4  # conv1 and the three 1x1 shortcuts stay float
     parity = json.loads((tmp_path / "report.json").read_text())["parity"]
-    assert parity["verdict"] == "exact" and parity["max_abs_keras_output"] < 0.99, parity
+    # "sign_flips": at most a flip near the threshold; a wrong .tflite moves (nearly) every input
+    assert parity["verdict"] in ("exact", "sign_flips") and parity["max_abs_keras_output"] < 0.99
 
 
 def test_cli_refuses_a_bad_checkpoint(tmp_path):

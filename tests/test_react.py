@@ -182,22 +182,27 @@ def test_step1_checkpoint_builds_binary_activations_with_real_weights(reactnet18
                                   state["layer3.1.binary_conv.weight"].transpose(2, 3, 1, 0))
 
 
-
 def test_symmetric_padding_survives_lce_conversion():
     """The authors' padding of strided real convs (the 7x7 stem; 3x3 in the real-valued
-    variants) stays theirs in the .tflite. LCE's converter folds a pad with equal sides
-    into "same", which pads differently at stride 2 on even sizes."""
+    variants): PyTorch's arithmetic in Keras, and still in the .tflite. LCE's converter
+    folds a pad with equal sides into "same", which pads differently at stride 2 on even
+    sizes."""
     for size in (64, 65):  # LCE keeps the pad (even) or folds it (odd)
         x = inputs = tf.keras.layers.Input((size, size, 3))
-        for pad, kernel in ((3, 7), (1, 3)):
-            x = TorchConvPadding2D(pad, kernel, strides=2)(x)
-            x = tf.keras.layers.Conv2D(8, kernel, strides=2, padding="valid", use_bias=False)(x)
-        model = tf.keras.Model(inputs, x)
         images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
+        torch_arithmetic = images
+        for pad, kernel in ((3, 7), (1, 3)):
+            conv = tf.keras.layers.Conv2D(8, kernel, strides=2, padding="valid", use_bias=False)
+            x = conv(TorchConvPadding2D(pad, kernel, strides=2)(x))
+            padded = np.pad(torch_arithmetic, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+            torch_arithmetic = tf.nn.conv2d(padded, conv.kernel, 2, "VALID").numpy()
+        model = tf.keras.Model(inputs, x)
         keras = model(images).numpy()
         tflite = Interpreter(lce.convert_keras_model(model)).predict(images)
-        assert np.abs(keras).max() > 1.0
-        np.testing.assert_allclose(tflite, keras, rtol=0, atol=1e-5 * np.abs(keras).max())
+        scale = np.abs(torch_arithmetic).max()
+        assert scale > 1.0
+        np.testing.assert_allclose(keras, torch_arithmetic, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(tflite, keras, rtol=0, atol=1e-5 * scale)
 
 
 def test_50_layers_refuse_the_react_block():
