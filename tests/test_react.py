@@ -33,7 +33,7 @@ from bireal_tf.quantizers import ApproxSign
 from tests.lce_utils import op_histogram
 from tests.test_interop import authors_wrapper
 from tests.test_interop import random_state as bireal_random_state
-from tests.torch_files import write_torch_zip
+from tests.torch_files import write_torch_legacy, write_torch_zip
 from tests.torch_parity import assert_logits_match, assert_same_state, logits_and_clear_inputs
 
 BLOCKS = {18: (4, 4, 4, 4), 34: (6, 8, 12, 6)}
@@ -138,10 +138,10 @@ def randomize_react_layers(model, seed):
 @pytest.fixture(scope="module")
 def reactnet18(tmp_path_factory):
     """(state, model): a ReActNet-18 state dict of distinct values, saved as ReActNet's
-    train.py saves it and loaded with from_pytorch."""
+    train.py saves it under its pinned torch 1.4 (the legacy format), loaded with from_pytorch."""
     state = distinct_state(18, num_classes=7)
     path = tmp_path_factory.mktemp("reactnet18") / "checkpoint.pth.tar"
-    write_torch_zip(authors_wrapper(state), path)
+    write_torch_legacy(authors_wrapper(state), path)
     return state, from_pytorch(path, 18, arch="reactnet", input_shape=(64, 64, 3))
 
 
@@ -406,11 +406,11 @@ def test_pytorch_outputs_of_reactnets_own_code(tmp_path, depth, step, capsys):
         b.numel() for name, b in net.named_buffers() if "running" in name)
     assert_logits_match(model, x, logits, clear, f"ReActNet-{depth} step {step}", capsys)
 
-    # The restricted reader reads torch's file as torch does; torch reads its legacy
-    # format, which torch 1.4 (ReActNet's pin) wrote, to the same tensors.
+    # The restricted reader reads torch's file as torch does, and so the legacy format,
+    # which torch 1.4 (ReActNet's pin) wrote.
     state = load_checkpoint(path, reader="torch")
     assert_same_state(state, load_checkpoint(path, reader="restricted"))
     if depth == 18 and step == 2:
         legacy = tmp_path / "legacy.pth.tar"
         save_as_reactnet_train_py(net, legacy, _use_new_zipfile_serialization=False)
-        assert_same_state(state, load_checkpoint(legacy, reader="torch"))
+        assert_same_state(state, load_checkpoint(legacy, reader="restricted"))
