@@ -1,9 +1,11 @@
-"""Foreign formats in: checkpoints of the authors' PyTorch code.
+"""Foreign formats in: checkpoints of the authors' PyTorch code (Bi-Real Net, ReActNet).
 
     from bireal_tf.interop import from_pytorch
-    model = from_pytorch("checkpoint.pth.tar", 18)   # a checkpoint of the authors' train.py
+    model = from_pytorch("checkpoint.pth.tar", 18)   # a checkpoint of Bi-Real's train.py
+    model = from_pytorch("checkpoint.pth.tar", 18, arch="reactnet")   # of ReActNet's (step 2)
 
-or `python -m bireal_tf.interop CHECKPOINT --depth 18 -o model.keras --export model.tflite`.
+or `python -m bireal_tf.interop CHECKPOINT --depth 18 [--arch reactnet] -o model.keras
+--export model.tflite`.
 No torch needed: both of torch.save's formats (zip, and the legacy one of torch < 1.6)
 are read by a restricted reader that runs no code and reads at most the file
 (`read_torch_checkpoint`); with torch installed, `torch.load(weights_only=True)`.

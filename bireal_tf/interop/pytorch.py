@@ -1,18 +1,28 @@
-"""Map checkpoints of the authors' PyTorch code (liuzechun/Bi-Real-net) onto our Keras nets.
+"""Map checkpoints of the authors' PyTorch code onto our Keras nets.
+
+Two codebases of the same authors, told apart by their keys:
+
+- Bi-Real Net (liuzechun/Bi-Real-net, 18/34/50): `arch="bireal"`;
+- ReActNet on the Bi-Real 18/34 structure (liuzechun/ReActNet, resnet/1_step1 and
+  resnet/2_step2/birealnet.py): `arch="reactnet"`, built with `block="react"`.
 
 Our layer names are the authors' module paths with "." -> "_", so each Keras
 weight has one PyTorch key:
 
     conv1.weight (O, I, kh, kw)           -> conv1 kernel (kh, kw, I, O)
-    layer2.0.binary_conv.weights          -> layer2_0_binary_conv kernel: the 18/34 code keeps
-        (O*I*3*3, 1), i.e. OIHW flattened     it flat; reshape to OIHW, then to HWIO
-    layers.3.conv2.weight (OIHW)          -> layers_3_conv2 kernel (the 50-layer code)
+    layer2.0.binary_conv.weights          -> layer2_0_binary_conv kernel: Bi-Real's 18/34 code
+        (O*I*3*3, 1), i.e. OIHW flattened     keeps it flat; reshape to OIHW, then to HWIO
+    layer2.0.binary_conv.weight (OIHW)    -> layer2_0_binary_conv kernel (ReActNet, both steps)
+    layers.3.conv2.weight (OIHW)          -> layers_3_conv2 kernel (Bi-Real's 50-layer code)
     *.bn1.{weight, bias, running_mean, running_var} -> gamma, beta, moving_mean, moving_variance
+    layer2.0.move0.bias (1, C, 1, 1)      -> layer2_0_move0 bias (C,)       (ReActNet's shifts,
+    layer2.0.prelu.weight (C,)            -> layer2_0_prelu alpha (1, 1, C)  move0/1/2, and PReLU)
     fc.weight (C, F), fc.bias             -> fc kernel (F, C), bias
 
 `num_batches_tracked` is ignored, and so is `layers.0.down_conv1x1.weight` of the
 50-layer code (its first block creates that conv but never uses it). The net is
-built with `padding="symmetric"` and BatchNorm epsilon 1e-5, the authors' arithmetic.
+built with `padding="symmetric"`, BatchNorm epsilon 1e-5 and pad_values 0, the
+authors' arithmetic.
 """
 
 import importlib.util
@@ -33,6 +43,18 @@ _R50_BLOCKS = 16
 _FIXED = dict(padding="symmetric", bn_epsilon=1e-5, pad_values=0.0, activation="binary",
               kernel_quantizer=None, weights=None)
 _IGNORED = re.compile(r"(.*\.num_batches_tracked|layers\.0\.down_conv1x1\.weight)")
+ARCHS = ("bireal", "reactnet", "auto")
+# What each file's keys show: ReActNet's shifts and PReLU slopes; Bi-Real's flat 18/34
+# binary kernels or its 50-layer blocks. (ReActNet's binary kernels are OIHW `weight`.)
+_SIGNS = {
+    "reactnet": (re.compile(r"layer\d\.\d+\.(move[012]\.bias|prelu\.weight)"),
+                 "ReActNet's shifts and PReLU slopes"),
+    "bireal": (re.compile(r"layer\d\.\d+\.binary_conv\.weights|layers\.\d+\..+"),
+               "Bi-Real's flat binary kernels or 50-layer blocks"),
+}
+_TITLES = {"bireal": "Bi-Real Net", "reactnet": "ReActNet"}
+_FLAGS = {"bireal": "arch='bireal' (--arch bireal)",
+          "reactnet": "arch='reactnet' (--arch reactnet; step=1, --step 1, for a step-1 file)"}
 
 
 def _torch_module():
@@ -109,25 +131,62 @@ def _guess_depth(keys):
         if m := re.match(r"layer([1-4])\.(\d+)\.", k):
             stages[int(m.group(1))].add(int(m.group(2)))
     counts = tuple(len(stages[s]) for s in (1, 2, 3, 4))
-    binary = any(k.endswith("binary_conv.weights") for k in keys)
+    binary = any(re.search(r"\.binary_conv\.weights?$", k) for k in keys)
     for depth, blocks in _BLOCKS.items():
         if counts == blocks and binary:
             return depth, f"blocks per stage {counts}"
-    kind = "binary convs 'binary_conv.weights'" if binary else "no 'binary_conv.weights' keys"
+    kind = "binary convs 'binary_conv.weight(s)'" if binary else "no 'binary_conv' keys"
     return None, f"blocks per stage {counts} and {kind}"
 
 
+def _guess_arch(keys):
+    """("reactnet" | "bireal" | None, the keys that tell) for a state dict's keys."""
+    for arch, (pattern, what) in _SIGNS.items():
+        found = sorted(k for k in keys if pattern.fullmatch(k))
+        if found:
+            return arch, f"{len(found)} keys of {what}, such as '{found[0]}'"
+    return None, ("neither ReActNet's 'move0.bias' / 'prelu.weight' nor Bi-Real's flat "
+                  "'binary_conv.weights'")
+
+
+def net_name(arch, depth):
+    """How messages name the network: "Bi-Real Net 18", "ReActNet-18 (Bi-Real structure)"."""
+    return f"ReActNet-{depth} (Bi-Real structure)" if arch == "reactnet" else f"Bi-Real Net {depth}"
+
+
 def checkpoint_info(state):
-    """What a state dict says about its network: depth (guessed), classes, input channels."""
+    """What a state dict says about its network: architecture and depth (guessed from the
+    keys), classes, input channels."""
+    arch, evidence = _guess_arch(state)
     depth, structure = _guess_depth(state)
     fc = state.get("fc.weight")
     conv1 = state.get("conv1.weight")
     return dict(
+        arch=arch,
+        evidence=evidence,
         depth=depth,
         structure=structure,
         num_classes=None if fc is None or fc.ndim != 2 else int(fc.shape[0]),
         channels=None if conv1 is None or conv1.ndim != 4 else int(conv1.shape[1]),
     )
+
+
+def _resolve_arch(arch, info):
+    """The architecture to build: `arch`, checked against what the keys say."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}.")
+    found = info["arch"]
+    if arch == "auto":
+        if found is None:
+            raise CheckpointError(
+                f"cannot tell the architecture from the checkpoint's keys ({info['evidence']}): "
+                f"pass {_FLAGS['bireal']} or {_FLAGS['reactnet']}.")
+        return found
+    if found is not None and found != arch:
+        raise CheckpointError(
+            f"this is a {_TITLES[found]} checkpoint ({info['evidence']}), not a "
+            f"{_TITLES[arch]} one: pass {_FLAGS[found]}, or arch='auto' (--arch auto).")
+    return arch
 
 
 def _torch_prefix(layer_name):
@@ -140,9 +199,22 @@ def _torch_prefix(layer_name):
     return layer_name
 
 
-def _expected(model, depth):
-    """[(keras layer, [(torch key, torch shape, to_keras)])] for every layer with weights."""
+def _same(a):
+    return a
+
+
+def _oihw_to_hwio(a):
+    return a.transpose(2, 3, 1, 0)
+
+
+def _expected(model, flat_binary):
+    """[(keras layer, [(torch key, torch shape, to_keras)])] for every layer with weights.
+
+    flat_binary: the binary kernels are Bi-Real's flat (O*I*k*k, 1) `weights`.
+    """
     import tensorflow as tf
+
+    from bireal_tf.models import LearnableBias
 
     plan = []
     for layer in model.layers:
@@ -151,56 +223,78 @@ def _expected(model, depth):
         prefix = _torch_prefix(layer.name)
         if isinstance(layer, tf.keras.layers.BatchNormalization):
             (c,) = layer.weights[0].shape
-            plan.append((layer, [(f"{prefix}.{n}", (c,), lambda a: a)
+            plan.append((layer, [(f"{prefix}.{n}", (c,), _same)
                                  for n in ("weight", "bias", "running_mean", "running_var")]))
         elif isinstance(layer, tf.keras.layers.Dense):
             f, c = layer.kernel.shape
             plan.append((layer, [(f"{prefix}.weight", (c, f), lambda a: a.T),
-                                 (f"{prefix}.bias", (c,), lambda a: a)]))
+                                 (f"{prefix}.bias", (c,), _same)]))
+        elif isinstance(layer, LearnableBias):  # torch keeps the shift as (1, C, 1, 1)
+            (c,) = layer.bias.shape
+            plan.append((layer, [(f"{prefix}.bias", (1, c, 1, 1), lambda a, c=c: a.reshape(c))]))
+        elif isinstance(layer, tf.keras.layers.PReLU):  # slopes (C,) -> alpha (1, 1, C)
+            shape = tuple(layer.alpha.shape)
+            plan.append((layer, [(f"{prefix}.weight", (shape[-1],),
+                                  lambda a, shape=shape: a.reshape(shape))]))
         elif isinstance(layer, tf.keras.layers.Conv2D):
             kh, kw, i, o = layer.kernel.shape
-            if depth in _BLOCKS and layer.name.endswith("_binary_conv"):
+            if flat_binary and layer.name.endswith("_binary_conv"):
                 def flat(a, shape=(o, i, kh, kw)):
-                    return a.reshape(shape).transpose(2, 3, 1, 0)
+                    return _oihw_to_hwio(a.reshape(shape))
                 plan.append((layer, [(f"{prefix}.weights", (o * i * kh * kw, 1), flat)]))
             else:
-                plan.append((layer, [(f"{prefix}.weight", (o, i, kh, kw),
-                                      lambda a: a.transpose(2, 3, 1, 0))]))
+                plan.append((layer, [(f"{prefix}.weight", (o, i, kh, kw), _oihw_to_hwio)]))
         else:
             raise TypeError(f"no PyTorch mapping for layer {layer.name} ({type(layer).__name__})")
     return plan
 
 
-def from_pytorch(checkpoint, depth, **model_kwargs):
-    """Our Bi-Real Net `depth` (18, 34, 50) with the weights of an authors' PyTorch checkpoint.
+def from_pytorch(checkpoint, depth, arch="bireal", step=2, **model_kwargs):
+    """Our Bi-Real Net `depth` with the weights of an authors' PyTorch checkpoint.
 
     Args:
         checkpoint: a `.pth` / `.pth.tar` path, a dict with "state_dict", or a state
             dict of tensors / NumPy arrays (see `load_checkpoint`; never runs code).
-        depth: 18, 34 or 50; a checkpoint of another depth is refused, naming the
-            depth it looks like.
+        depth: 18, 34 or 50 (ReActNet: 18 or 34); a checkpoint of another depth is
+            refused, naming the depth it looks like.
+        arch: "bireal" (liuzechun/Bi-Real-net), "reactnet" (liuzechun/ReActNet's
+            Bi-Real-based net, built with `block="react"`) or "auto" (told from the
+            keys). A checkpoint of the other architecture is refused, naming it.
+        step: ReActNet's training step the checkpoint comes from: 2 (binary weights,
+            the published model) or 1 (binary activations, real 3x3 weights: built
+            with `binary_weights=False`). The keys of the two steps are the same.
         **model_kwargs: passed to `bireal_net` (input_shape, include_top,
             classifier_activation, pooling, ...). Defaults: the checkpoint's number
             of classes and input channels, 224x224 inputs, `padding="symmetric"`,
             BatchNorm epsilon 1e-5, pad_values 0 (values contradicting these are refused).
 
     Raises:
-        CheckpointError: unreadable file, another depth, or missing keys, unexpected
-            keys and shape mismatches (all of them, by name).
+        CheckpointError: unreadable file, the other architecture, another depth, or
+            missing keys, unexpected keys and shape mismatches (all of them, by name).
     """
     from bireal_tf.models import DEPTHS, bireal_net
 
     if depth not in DEPTHS:
         raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}.")
-    refuse_contradictions(model_kwargs, _FIXED, "the authors' PyTorch weights")
+    if step not in (1, 2):
+        raise ValueError(f"step must be 1 or 2 (ReActNet's training steps), got {step!r}.")
     state = load_checkpoint(checkpoint)
     info = checkpoint_info(state)
+    arch = _resolve_arch(arch, info)
+    if arch == "bireal" and step != 2:
+        raise ValueError("step=1 is ReActNet's first training step; a Bi-Real Net checkpoint "
+                         "has no steps: leave step out.")
+    if arch == "reactnet" and depth not in _BLOCKS:
+        raise ValueError(f"ReActNet's Bi-Real-based code has 18 and 34 layers, not {depth}.")
+    fixed = dict(_FIXED, block="react" if arch == "reactnet" else "bireal",
+                 binary_weights=step == 2)
+    refuse_contradictions(model_kwargs, fixed, f"the weights of {net_name(arch, depth)}")
     if info["depth"] is not None and info["depth"] != depth:
         raise CheckpointError(
-            f"this checkpoint looks like Bi-Real Net {info['depth']} ({info['structure']}), "
+            f"this checkpoint looks like {net_name(arch, info['depth'])} ({info['structure']}), "
             f"not {depth}: pass depth={info['depth']} (--depth {info['depth']})."
         )
-    kwargs = dict(_FIXED, classifier_activation="softmax")
+    kwargs = dict(fixed, classifier_activation="softmax")
     include_top = model_kwargs.get("include_top", True)
     if include_top and info["num_classes"] is not None:
         if model_kwargs.get("num_classes", info["num_classes"]) != info["num_classes"]:
@@ -215,7 +309,7 @@ def from_pytorch(checkpoint, depth, **model_kwargs):
     model = bireal_net(depth, **kwargs)
 
     used, missing, mismatched, assignments = set(), [], [], []
-    for layer, entries in _expected(model, depth):
+    for layer, entries in _expected(model, flat_binary=arch == "bireal" and depth in _BLOCKS):
         values = []
         for key, shape, to_keras in entries:
             if key not in state:
@@ -235,7 +329,7 @@ def from_pytorch(checkpoint, depth, **model_kwargs):
         ignored |= {"fc.weight", "fc.bias"}
     unexpected = sorted(set(state) - used - ignored)
     if missing or unexpected or mismatched:
-        lines = [f"the checkpoint does not fit Bi-Real Net {depth}"
+        lines = [f"the checkpoint does not fit {net_name(arch, depth)}"
                  + ("" if info["depth"] else f" (found {info['structure']})") + ":"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("shape mismatches", mismatched)):

@@ -22,7 +22,7 @@ from bireal_tf.models.bireal import (
 )
 from bireal_tf.models.int8 import FakeQuant, Int8Kernel, fake_quant_layers, int8_model
 from bireal_tf.models.larq_zoo import WeightsUnavailableError, load_larq_zoo_weights
-from bireal_tf.models.layers import ConstantPadding2D, LearnableBias, Subsample2D
+from bireal_tf.models.layers import ConstantPadding2D, LearnableBias, Subsample2D, TorchConvPadding2D
 from bireal_tf.models.precision import float32_config, mixed_precision_policies
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "Int8Kernel",
     "LearnableBias",
     "Subsample2D",
+    "TorchConvPadding2D",
     "WeightsUnavailableError",
     "fake_quant_layers",
     "float32_config",

@@ -41,7 +41,8 @@ import tensorflow as tf
 
 from bireal_tf import quantizers
 from bireal_tf.models import larq_zoo
-from bireal_tf.models.layers import ConstantPadding2D, LearnableBias, Subsample2D
+from bireal_tf.models.layers import (ConstantPadding2D, LearnableBias, Subsample2D,
+                                     TorchConvPadding2D)
 from bireal_tf.utils import quiet_larq, refuse_contradictions
 
 ACTIVATIONS = ("binary",) + tuple(quantizers.REAL_ACTIVATIONS)
@@ -122,7 +123,7 @@ class _Ops:
     def stem(self, x):
         """7x7/2 conv (64) -> BN -> 3x3/2 max pool, in the chosen padding convention."""
         if self.padding == "symmetric":
-            x = _layers.ZeroPadding2D(3, name="conv1_pad")(x)
+            x = TorchConvPadding2D(3, kernel_size=7, strides=2, name="conv1_pad")(x)
             x = self.real_conv(x, 64, 7, "conv1", strides=2)
         else:
             x = self.real_conv(x, 64, 7, "conv1", strides=2, padding="same")
@@ -160,7 +161,7 @@ class _Ops:
 
         x = quantizers.REAL_ACTIVATIONS[self.activation](name=name + "_activation")(x)
         if subsample:
-            x = _layers.ZeroPadding2D(kernel_size // 2, name=name + "_pad")(x)
+            x = TorchConvPadding2D(kernel_size // 2, kernel_size, strides, name=name + "_pad")(x)
             return self.real_conv(x, filters, kernel_size, name, strides=strides)
         padding = "same" if kernel_size > 1 else "valid"
         return self.real_conv(x, filters, kernel_size, name, strides=strides, padding=padding)
