@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bireal_tf.export.files import check_tflite
+
 __all__ = ["HOST_LATENCY_NOTE", "TFLiteRunner", "measure_latency"]
 
 HOST_LATENCY_NOTE = (
@@ -30,9 +32,12 @@ class TFLiteRunner:
     tensor's own scale and zero point.
     """
 
-    def __init__(self, flatbuffer: bytes, num_threads: int = 1, use_reference_bconv: bool = False):
+    def __init__(self, flatbuffer: bytes, num_threads: int = 1, use_reference_bconv: bool = False,
+                 source: str = "<in-memory .tflite>"):
         from larq_compute_engine import testing as lce_testing
 
+        # A corrupt file can kill the interpreter's process: try it in a child first.
+        check_tflite(flatbuffer, source, use_reference_bconv=use_reference_bconv)
         self.interpreter = lce_testing.Interpreter(
             flatbuffer, num_threads=int(num_threads), use_reference_bconv=use_reference_bconv)
         i = self.interpreter
