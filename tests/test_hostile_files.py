@@ -28,12 +28,14 @@ import larq as lq
 import numpy as np
 import pytest
 import tensorflow as tf
+from larq_compute_engine.mlir.python import tflite_schema as schema
 
 from bireal_tf import quantizers
 from bireal_tf.evaluate import evaluate
 from bireal_tf.export import ModelFileError, read_flatbuffer_file
 from bireal_tf.export.convert import convert
 from bireal_tf.export.flatbuffer import TFLiteGraph
+from bireal_tf.export.safety import UnsafeFlatbuffer, verify_flatbuffer
 from bireal_tf.export.safety import probe_interpreter
 from bireal_tf.models import larq_zoo
 from bireal_tf.models.larq_zoo import MAX_NUMBERS, assign_larq_zoo_weights
@@ -96,13 +98,12 @@ def tflite(tmp_path_factory):
 def quantization_pointing_away(flatbuffer: bytes) -> bytes:
     """The flatbuffer with one tensor's `quantization` offset pointing 2 GB past its table.
 
-    TFLite reads every tensor's quantization while it builds the interpreter, without
-    a bounds check; the project's own parser (TFLiteGraph) never reads that field, so
-    only the child-process probe can catch it. Found by the seeded fuzz search: one
-    byte in this field made LCE's interpreter die of SIGSEGV.
+    A broken structure: TFLite reads every tensor's quantization while it builds the
+    interpreter, with no bounds check, and dies of SIGSEGV; the project's own parser
+    (TFLiteGraph) never reads that field. The fuzz search found it (one byte changed
+    in this offset, or in the quantization table's vtable offset).
     """
-    graph = TFLiteGraph(flatbuffer)
-    subgraph = graph.model.Subgraphs(0)
+    subgraph = TFLiteGraph(flatbuffer).model.Subgraphs(0)
     for i in range(subgraph.TensorsLength()):
         table = subgraph.Tensors(i)._tab
         field = table.Offset(12)  # Tensor.quantization, the schema's 5th field
@@ -111,6 +112,38 @@ def quantization_pointing_away(flatbuffer: bytes) -> bytes:
             struct.pack_into("<I", data, table.Pos + field, 0x7FFFFF00)
             return bytes(data)
     raise AssertionError("no tensor with a quantization table: the converter changed")
+
+
+def max_pool_padding_3(flatbuffer: bytes) -> bytes:
+    """The flatbuffer with the max pool's `padding` read as 3 (SAME is 0, VALID 1).
+
+    A well-formed file with a wrong value: every offset stays inside the file, and
+    TFLite's max-pool kernel aborts (SIGABRT) when it runs. The converter leaves the
+    default padding (SAME) out; the options' vtable entry for it is pointed at the
+    filter width (3) in the same table, as the fuzz search did with one byte (in 400
+    one- and two-byte mutants the one crash that the structure check let through).
+    """
+    model = TFLiteGraph(flatbuffer).model
+    subgraph = model.Subgraphs(0)
+    for i in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(i)
+        if model.OperatorCodes(op.OpcodeIndex()).BuiltinCode() == schema.BuiltinOperator.MAX_POOL_2D:
+            options = schema.Pool2DOptions()
+            options.Init(flatbuffer, op.BuiltinOptions().Pos)
+            assert options.Padding() == schema.Padding.SAME and options.FilterWidth() == 3
+            table = options._tab
+            vtable = table.Pos - struct.unpack_from("<i", flatbuffer, table.Pos)[0]
+            data = bytearray(flatbuffer)
+            # Pool2DOptions: padding is field 0 (vtable entry at +4), filter_width field 3 (+10)
+            data[vtable + 4: vtable + 6] = data[vtable + 10: vtable + 12]
+            return bytes(data)
+    raise AssertionError("no MAX_POOL_2D op: the tiny net changed")
+
+
+CRASHERS = {  # how the file is broken: (the mutation, what LCE's bare interpreter dies of)
+    "structure": (quantization_pointing_away, "SIGSEGV", "load"),
+    "value": (max_pool_padding_3, "SIGABRT", "invoke"),
+}
 
 
 CLI_RUNNER = textwrap.dedent('''
@@ -197,33 +230,46 @@ def check_outcomes(outcomes):
 
 @pytest.fixture(scope="module")
 def cli_outcomes(tflite, tmp_path_factory):
-    """The crasher and the fast fuzz cases, through the project's readers in one subprocess."""
+    """The crashers and the fast fuzz cases, through the project's readers in one subprocess."""
     folder = tmp_path_factory.mktemp("mutants")
-    crasher = folder / "crasher.tflite"
-    crasher.write_bytes(quantization_pointing_away(tflite.read_bytes()))
+    crashers = {}
+    for name, (mutate, _, _) in CRASHERS.items():
+        crashers[name] = folder / f"crasher_{name}.tflite"
+        crashers[name].write_bytes(mutate(tflite.read_bytes()))
     fuzzed = mutants(tflite.read_bytes(), folder, seed=20, cases=FAST_FUZZ_CASES)
-    outcomes = through_the_cli([crasher, *fuzzed], folder)
-    return crasher, outcomes[str(crasher)], [outcomes[str(p)] for p in fuzzed]
+    outcomes = through_the_cli([*crashers.values(), *fuzzed], folder)
+    return ({name: (path, outcomes[str(path)]) for name, path in crashers.items()},
+            [outcomes[str(p)] for p in fuzzed])
 
 
-def test_a_tflite_that_crashes_the_bare_interpreter_gets_a_clear_error(cli_outcomes):
-    crasher, outcome, _ = cli_outcomes
-    TFLiteGraph(crasher.read_bytes())  # the project's own parser finds nothing wrong
+@pytest.mark.parametrize("broken", CRASHERS)
+def test_a_tflite_that_crashes_the_bare_interpreter_gets_a_clear_error(cli_outcomes, broken):
+    path, outcome = cli_outcomes[0][broken]
+    _, signal, stage = CRASHERS[broken]
+    TFLiteGraph(path.read_bytes())  # the project's own parser finds nothing wrong
 
-    bare = probe_interpreter(crasher.read_bytes())  # LCE's interpreter, unchecked, in a child
-    assert bare.signal == "SIGSEGV" and bare.stage == "load", bare
+    bare = probe_interpreter(path.read_bytes())  # LCE's interpreter, unchecked, in a child
+    assert bare.signal == signal and bare.stage == stage, bare
 
-    with pytest.raises(ModelFileError, match="crashed the TFLite interpreter: it is corrupt") as err:
-        read_flatbuffer_file(crasher)
-    assert "SIGSEGV" in str(err.value) and str(crasher) in str(err.value)
+    if broken == "structure":  # refused before any interpreter sees it
+        with pytest.raises(UnsafeFlatbuffer, match="QuantizationParameters .* outside the"):
+            verify_flatbuffer(path.read_bytes())
+        expected = "is not a valid TFLite flatbuffer (QuantizationParameters"
+    else:  # well-formed: the interpreter, in a child process, dies instead of this one
+        verify_flatbuffer(path.read_bytes())
+        expected = "the file crashed the TFLite interpreter: it is corrupt. LCE's interpreter"
+    with pytest.raises(ModelFileError) as err:
+        read_flatbuffer_file(path)
+    assert expected in str(err.value) and str(path) in str(err.value), str(err.value)
+    if broken == "value":
+        assert f"died of {signal} while running it once on zeros" in str(err.value)
     # The issue's case: `python -m bireal_tf.evaluate` died with exit 139, printing nothing.
     assert outcome["exit"] == 2 and len(outcome["errors"]) == 1, outcome
-    assert "crashed the TFLite interpreter: it is corrupt" in outcome["errors"][0]
-    assert "SIGSEGV" in outcome["errors"][0] and outcome["read"].startswith("ModelFileError")
+    assert expected in outcome["errors"][0] and outcome["read"].startswith("ModelFileError")
 
 
 def test_fuzzed_tflite_files_end_in_a_result_or_a_clear_error(cli_outcomes):
-    _, _, fuzzed = cli_outcomes
+    _, fuzzed = cli_outcomes
     assert len(fuzzed) == FAST_FUZZ_CASES
     check_outcomes({i: o for i, o in enumerate(fuzzed)})
     print(f"\nfuzz, seed 20, {FAST_FUZZ_CASES} cases: {summarize(fuzzed)}")
@@ -237,9 +283,11 @@ def test_fuzzed_tflite_files_end_in_a_result_or_a_clear_error_long_run(tflite, t
     check_outcomes(outcomes)
     kinds = summarize(outcomes.values())
     print(f"\nfuzz, seed 2020, {SLOW_FUZZ_CASES} cases: {kinds}")
-    # 1-20 random bytes of a 15 KB file: LCE's interpreter dies on some (measured here
-    # with 20 bytes: 19 of 40), so the probe must have met and caught a few.
-    assert kinds.get("crashed the interpreter (probe)", 0) > 0
+    # Both checks met mutants: 1-20 random bytes of a 15 KB file break its structure
+    # often (LCE's bare interpreter died on 19 of 40 such files with 20 bytes changed),
+    # and the rest reach the interpreter, in the child and then in the reading process.
+    assert kinds.get("not a flatbuffer", 0) > 0
+    assert kinds.get("result", 0) + kinds.get("interpreter error (probe)", 0) > 0
 
 
 def test_the_probe_passes_a_good_file_and_reports_a_timeout(tflite, monkeypatch):

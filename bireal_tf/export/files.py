@@ -125,7 +125,8 @@ def check_tflite(flatbuffer: bytes, source: str = "<in-memory .tflite>", *,
     Every path that hands bytes to a TFLite interpreter here calls it (through
     `read_flatbuffer_file` and `TFLiteRunner`). In order:
 
-    1. the flatbuffer parses (`TFLiteGraph`, pure Python: a bad offset is an exception);
+    1. every offset in the flatbuffer stays inside it (`safety.verify_flatbuffer`), and
+       it parses as a model (`TFLiteGraph`);
     2. its activation tensors declare at most the memory limit in total
        (`safety.memory_limit_bytes()`, $BIREAL_TF_TFLITE_MEMORY_MB, default 2048 MB);
     3. LCE's interpreter, in a child process capped at that memory, loads it and runs it
@@ -137,16 +138,18 @@ def check_tflite(flatbuffer: bytes, source: str = "<in-memory .tflite>", *,
     import hashlib
 
     from bireal_tf.export.flatbuffer import FlatbufferError, TFLiteGraph
-    from bireal_tf.export.safety import (MEMORY_ENV, TIMEOUT_ENV, memory_limit_bytes,
-                                         probe_interpreter, timeout_seconds)
+    from bireal_tf.export.safety import (MEMORY_ENV, TIMEOUT_ENV, UnsafeFlatbuffer,
+                                         memory_limit_bytes, probe_interpreter, timeout_seconds,
+                                         verify_flatbuffer)
 
     limit, timeout = memory_limit_bytes(), timeout_seconds()
     key = (hashlib.sha256(flatbuffer).digest(), limit, bool(use_reference_bconv))
     if key in _CHECKED:
         return
     try:
+        verify_flatbuffer(flatbuffer)
         graph = TFLiteGraph(flatbuffer)
-    except FlatbufferError as err:
+    except (UnsafeFlatbuffer, FlatbufferError) as err:
         raise ModelFileError(f"'{source}' is not a valid TFLite flatbuffer ({err}); the file may "
                              f"be truncated or corrupt. {_EXPORT_AGAIN}") from err
     raise_limit = (f"If the file is trusted and needs more, set {MEMORY_ENV} (now "

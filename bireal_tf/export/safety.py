@@ -1,22 +1,28 @@
-"""Open an untrusted .tflite in a child process first, so a corrupt file cannot kill this one.
+"""The checks an untrusted .tflite passes before TFLite's interpreter opens it in this process.
 
 TFLite's C++ interpreter (and LCE's, built on it) trusts the flatbuffer it is
 given: an offset or a shape changed by one byte can make it read out of bounds
 and die of SIGSEGV, or allocate gigabytes. Neither TF 2.16, LCE 0.16 nor the
-`flatbuffers` package offers the schema's verifier to Python, and a verifier
-would not catch a valid-looking shape that no kernel checks. So
-`probe_interpreter` runs the real thing where a crash costs nothing: a child
-Python that loads only LCE's interpreter extension and numpy (no TensorFlow),
-under an address-space limit, and that
+`flatbuffers` package offers the schema's verifier to Python. So, in order:
 
-1. builds the interpreter from the bytes (parse, resolve ops, allocate tensors),
-2. runs it once on zeros,
+1. `verify_flatbuffer`: every offset the interpreter follows (tables, vectors,
+   strings, unions of the TFLite schema) must land inside the file; what the C++
+   `Verifier` checks, in pure Python, with its limit of 1,000,000 tables. An
+   out-of-bounds read is undefined behaviour: it may pass in one process and
+   crash another (found by the fuzz test: a quantization table's vtable offset
+   that a child process survived and the evaluating process did not), so it is
+   refused here, deterministically.
+2. `probe_interpreter`: the real interpreter where a crash costs nothing, a
+   child Python that loads only LCE's interpreter extension and numpy (no
+   TensorFlow), under an address-space limit. It builds the interpreter from
+   the bytes (parse, resolve ops, allocate tensors) and runs it once on zeros,
+   reporting each stage on stdout. This catches what a structure check cannot:
+   a kernel that fails on shapes or options that are well-formed but wrong.
 
-reporting each stage on stdout. A signal, an error or a timeout in the child
-comes back as a `ProbeResult`; `bireal_tf.export.files.check_tflite` turns it
-into a `ModelFileError`. Limits: one run on zeros cannot prove that every input
-is safe (a gather whose indices come from the input), and RLIMIT_AS is not
-enforced on macOS (crashes are still caught there).
+`bireal_tf.export.files.check_tflite` runs both and turns what they find into
+a `ModelFileError`. Limits: one run on zeros cannot prove every input safe (a
+gather whose indices come from the input), and RLIMIT_AS is not enforced on
+macOS (crashes are still contained there).
 
 This module imports nothing of bireal_tf: `python -P safety.py` is the child.
 """
@@ -25,13 +31,15 @@ import importlib.machinery
 import importlib.util
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProbeResult", "memory_limit_bytes", "probe_interpreter", "timeout_seconds"]
+__all__ = ["ProbeResult", "UnsafeFlatbuffer", "memory_limit_bytes", "probe_interpreter",
+           "timeout_seconds", "verify_flatbuffer"]
 
 MEMORY_ENV = "BIREAL_TF_TFLITE_MEMORY_MB"
 TIMEOUT_ENV = "BIREAL_TF_TFLITE_TIMEOUT_S"
@@ -42,6 +50,155 @@ DEFAULT_TIMEOUT_S = 300.0
 _CHILD_OVERHEAD = 512 << 20
 _STAGES = {"start": "starting", "load": "loading it (parse, ops, tensor allocation)",
            "invoke": "running it once on zeros", "done": "finishing"}
+
+
+# --- 1. the structure ---------------------------------------------------------------------
+
+class UnsafeFlatbuffer(ValueError):
+    """An offset of the flatbuffer leads outside it, or it holds too many tables."""
+
+
+# The TFLite schema (tensorflow/lite/schema/schema.fbs, as TF 2.16 and LCE 0.16 ship it),
+# field index -> what it holds: a scalar's size in bytes, "string", ("vector", element
+# size), ("table", type), ("tables", type: a vector of tables), or ("union", index of the
+# type field, {type code: table type}); a union named by a string is checked by the
+# generated Python reader of that name (the builtin options: leaf tables of numbers).
+_SCHEMA = {
+    "Model": {0: 4, 1: ("tables", "OperatorCode"), 2: ("tables", "SubGraph"), 3: "string",
+              4: ("tables", "Buffer"), 5: ("vector", 4), 6: ("tables", "Metadata"),
+              7: ("tables", "SignatureDef")},
+    "OperatorCode": {0: 1, 1: "string", 2: 4, 3: 4},
+    "SubGraph": {0: ("tables", "Tensor"), 1: ("vector", 4), 2: ("vector", 4),
+                 3: ("tables", "Operator"), 4: "string"},
+    "Tensor": {0: ("vector", 4), 1: 1, 2: 4, 3: "string", 4: ("table", "QuantizationParameters"),
+               5: 1, 6: ("table", "SparsityParameters"), 7: ("vector", 4), 8: 1,
+               9: ("tables", "VariantSubType")},
+    "QuantizationParameters": {0: ("vector", 4), 1: ("vector", 4), 2: ("vector", 4),
+                               3: ("vector", 8), 4: 1,
+                               5: ("union", 4, {1: "CustomQuantization"}), 6: 4},
+    "CustomQuantization": {0: ("vector", 1)},
+    "SparsityParameters": {0: ("vector", 4), 1: ("vector", 4), 2: ("tables", "DimensionMetadata")},
+    "DimensionMetadata": {0: 1, 1: 4, 2: 1, 4: 1,
+                          3: ("union", 2, {1: "Int32Vector", 2: "Uint16Vector", 3: "Uint8Vector"}),
+                          5: ("union", 4, {1: "Int32Vector", 2: "Uint16Vector", 3: "Uint8Vector"})},
+    "Int32Vector": {0: ("vector", 4)},
+    "Uint16Vector": {0: ("vector", 2)},
+    "Uint8Vector": {0: ("vector", 1)},
+    "VariantSubType": {0: ("vector", 4), 1: 1, 2: 1},
+    "Operator": {0: 4, 1: ("vector", 4), 2: ("vector", 4), 3: 1, 4: ("union", 3, "BuiltinOptions"),
+                 5: ("vector", 1), 6: 1, 7: ("vector", 1), 8: ("vector", 4), 9: 8, 10: 8, 11: 1,
+                 12: ("union", 11, "BuiltinOptions2")},
+    "Buffer": {0: ("vector", 1), 1: 8, 2: 8},
+    "Metadata": {0: "string", 1: 4},
+    "SignatureDef": {0: ("tables", "TensorMap"), 1: ("tables", "TensorMap"), 2: "string", 4: 4},
+    "TensorMap": {0: "string", 1: 4},
+}
+MAX_TABLES = 1_000_000  # the C++ Verifier's default
+
+
+class _Verifier:
+    """Walks a TFLite flatbuffer from its root and checks every offset against its size."""
+
+    def __init__(self, data: bytes):
+        self.data, self.size, self.tables = data, len(data), 0
+
+    def _need(self, pos, length, what):
+        if pos < 0 or length < 0 or pos + length > self.size:
+            raise UnsafeFlatbuffer(f"{what} at byte {pos} (+{length}) lies outside the "
+                                   f"{self.size}-byte file")
+
+    def _int(self, fmt, pos, what):
+        self._need(pos, struct.calcsize(fmt), what)
+        return struct.unpack_from(fmt, self.data, pos)[0]
+
+    def _target(self, pos, what):
+        """Where the unsigned offset stored at `pos` leads."""
+        return pos + self._int("<I", pos, what)
+
+    def _fields(self, pos, name):
+        """{field index: its position} of the table at `pos`, its vtable checked."""
+        self.tables += 1
+        if self.tables > MAX_TABLES:
+            raise UnsafeFlatbuffer(f"more than {MAX_TABLES:,} tables")
+        vtable = pos - self._int("<i", pos, f"{name} table")
+        vtable_size = self._int("<H", vtable, f"{name} vtable")
+        table_size = self._int("<H", vtable + 2, f"{name} vtable")
+        if vtable_size < 4 or vtable_size % 2:
+            raise UnsafeFlatbuffer(f"{name} vtable at byte {vtable} has the size {vtable_size}")
+        self._need(vtable, vtable_size, f"{name} vtable")
+        self._need(pos, max(table_size, 4), f"{name} table")
+        slots = struct.unpack_from(f"<{vtable_size // 2 - 2}H", self.data, vtable + 4)
+        return {i: pos + o for i, o in enumerate(slots) if o}
+
+    def _vector(self, pos, element, what):
+        """(start, length) of the vector at `pos`, all of it inside the file."""
+        length = self._int("<I", pos, what)
+        self._need(pos + 4, length * element, what)
+        return pos + 4, length
+
+    def table(self, pos, name):
+        fields = self._fields(pos, name)
+        for index, kind in _SCHEMA[name].items():
+            at = fields.get(index)
+            if at is None:
+                continue
+            what = f"{name} field {index}"
+            if isinstance(kind, int):
+                self._need(at, kind, what)
+            elif kind == "string":
+                start, length = self._vector(self._target(at, what), 1, what)
+                self._need(start + length, 1, what + " (terminator)")
+            elif kind[0] == "vector":
+                self._vector(self._target(at, what), kind[1], what)
+            elif kind[0] == "table":
+                self.table(self._target(at, what), kind[1])
+            elif kind[0] == "tables":
+                start, length = self._vector(self._target(at, what), 4, what)
+                for i in range(length):
+                    self.table(self._target(start + 4 * i, what), kind[1])
+            else:  # a union: its type code sits in another field
+                code_at = fields.get(kind[1])
+                code = self._int("<B", code_at, what) if code_at is not None else 0
+                if code:
+                    self._union(self._target(at, what), code, kind[2], what)
+
+    def _union(self, pos, code, members, what):
+        if isinstance(members, dict):
+            if code in members:
+                self.table(pos, members[code])
+            return
+        from flatbuffers.table import Table
+        from larq_compute_engine.mlir.python import tflite_schema  # TFLite's generated reader
+
+        self._fields(pos, what)  # its vtable, before the generated reader follows it
+        try:  # the generated reader checks every read (a negative offset is a TypeError)
+            getattr(tflite_schema, members + "Creator")(code, Table(self.data, pos))
+        except Exception as err:  # struct.error, TypeError, ValueError: out of bounds
+            raise UnsafeFlatbuffer(f"{what} (options {code}) cannot be read: {err}") from err
+
+    def model(self):
+        self.table(self._target(0, "root offset"), "Model")
+        # Buffers may keep their data after the flatbuffer, at an offset into the file.
+        model = self._fields(self._target(0, "root offset"), "Model")
+        if 4 in model:
+            start, length = self._vector(self._target(model[4], "buffers"), 4, "buffers")
+            for i in range(length):
+                fields = self._fields(self._target(start + 4 * i, "buffers"), "Buffer")
+                offset = self._int("<Q", fields[1], "Buffer offset") if 1 in fields else 0
+                size = self._int("<Q", fields[2], "Buffer size") if 2 in fields else 0
+                if offset > 1:
+                    self._need(offset, size, f"buffer {i}'s data")
+
+
+def verify_flatbuffer(flatbuffer: bytes) -> None:
+    """UnsafeFlatbuffer unless every offset TFLite's interpreter follows stays in the file."""
+    data = bytes(flatbuffer)
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise UnsafeFlatbuffer("not a TFLite flatbuffer (no 'TFL3' at bytes 4-8)")
+    _Verifier(data).model()
+
+
+# --- 2. the interpreter, in a child process ------------------------------------------------
 
 
 def memory_limit_bytes() -> int:
