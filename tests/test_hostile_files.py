@@ -290,6 +290,33 @@ def test_fuzzed_tflite_files_end_in_a_result_or_a_clear_error_long_run(tflite, t
     assert kinds.get("result", 0) + kinds.get("interpreter error (probe)", 0) > 0
 
 
+def test_the_structure_check_follows_every_offset(tflite, monkeypatch):
+    from bireal_tf.export import safety
+
+    good = tflite.read_bytes()
+    verify_flatbuffer(good)
+    tensor = TFLiteGraph(good).model.Subgraphs(0).Tensors(0)._tab
+    quantization = tensor.Indirect(tensor.Pos + tensor.Offset(12))
+
+    # The fuzz run's find: a vtable offset that points before the file. A child process
+    # read it and survived; the evaluating process read it and died (SIGSEGV).
+    before = bytearray(good)
+    struct.pack_into("<i", before, quantization, quantization + 9000)
+    with pytest.raises(UnsafeFlatbuffer, match=r"QuantizationParameters vtable at byte -9000"):
+        verify_flatbuffer(bytes(before))
+    # A string whose length runs past the end.
+    name = bytearray(good)
+    struct.pack_into("<I", name, tensor.Pos + tensor.Offset(10) + struct.unpack_from(
+        "<I", good, tensor.Pos + tensor.Offset(10))[0], 1 << 30)
+    with pytest.raises(UnsafeFlatbuffer, match=r"Tensor field 3 .* lies outside"):
+        verify_flatbuffer(bytes(name))
+    # Shared tables count each time they are reached (a small file can reach one table
+    # billions of times); past the limit the file is refused.
+    monkeypatch.setattr(safety, "MAX_TABLES", 10)
+    with pytest.raises(UnsafeFlatbuffer, match="more than 10 tables"):
+        verify_flatbuffer(good)
+
+
 def test_the_probe_passes_a_good_file_and_reports_a_timeout(tflite, monkeypatch):
     good = probe_interpreter(tflite.read_bytes())
     assert good.ok and good.stage == "done" and good.signal is None, good

@@ -41,17 +41,6 @@ from pathlib import Path
 __all__ = ["ProbeResult", "UnsafeFlatbuffer", "memory_limit_bytes", "probe_interpreter",
            "timeout_seconds", "verify_flatbuffer"]
 
-MEMORY_ENV = "BIREAL_TF_TFLITE_MEMORY_MB"
-TIMEOUT_ENV = "BIREAL_TF_TFLITE_TIMEOUT_S"
-DEFAULT_MEMORY_MB = 2048
-DEFAULT_TIMEOUT_S = 300.0
-# The child's own Python, numpy and LCE extension take ~135 MB of address space
-# (VmPeak, measured here); the interpreter keeps two copies of the file.
-_CHILD_OVERHEAD = 512 << 20
-_STAGES = {"start": "starting", "load": "loading it (parse, ops, tensor allocation)",
-           "invoke": "running it once on zeros", "done": "finishing"}
-
-
 # --- 1. the structure ---------------------------------------------------------------------
 
 class UnsafeFlatbuffer(ValueError):
@@ -92,6 +81,9 @@ _SCHEMA = {
     "Metadata": {0: "string", 1: 4},
     "SignatureDef": {0: ("tables", "TensorMap"), 1: ("tables", "TensorMap"), 2: "string", 4: 4},
     "TensorMap": {0: "string", 1: 4},
+    # The two options tables with strings, which the generated reader slices unchecked.
+    "VarHandleOptions": {0: "string", 1: "string"},
+    "StablehloCustomCallOptions": {0: "string", 2: "string"},
 }
 MAX_TABLES = 1_000_000  # the C++ Verifier's default
 
@@ -171,10 +163,13 @@ class _Verifier:
         from larq_compute_engine.mlir.python import tflite_schema  # TFLite's generated reader
 
         self._fields(pos, what)  # its vtable, before the generated reader follows it
-        try:  # the generated reader checks every read (a negative offset is a TypeError)
+        try:  # the generated reader checks its reads (a negative offset is a TypeError)
             getattr(tflite_schema, members + "Creator")(code, Table(self.data, pos))
         except Exception as err:  # struct.error, TypeError, ValueError: out of bounds
             raise UnsafeFlatbuffer(f"{what} (options {code}) cannot be read: {err}") from err
+        name = {v: k for k, v in vars(getattr(tflite_schema, members)).items()}.get(code)
+        if name in _SCHEMA:  # but not the length of a string
+            self.table(pos, name)
 
     def model(self):
         self.table(self._target(0, "root offset"), "Model")
@@ -199,6 +194,16 @@ def verify_flatbuffer(flatbuffer: bytes) -> None:
 
 
 # --- 2. the interpreter, in a child process ------------------------------------------------
+
+MEMORY_ENV = "BIREAL_TF_TFLITE_MEMORY_MB"
+TIMEOUT_ENV = "BIREAL_TF_TFLITE_TIMEOUT_S"
+DEFAULT_MEMORY_MB = 2048
+DEFAULT_TIMEOUT_S = 300.0
+# The child's own Python, numpy and LCE extension take ~135 MB of address space
+# (VmPeak, measured here); the interpreter keeps two copies of the file.
+_CHILD_OVERHEAD = 512 << 20
+_STAGES = {"start": "starting", "load": "loading it (parse, ops, tensor allocation)",
+           "invoke": "running it once on zeros", "done": "finishing"}
 
 
 def memory_limit_bytes() -> int:
