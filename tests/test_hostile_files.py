@@ -402,73 +402,81 @@ def test_a_saved_model_with_a_lambda_layer_loads_its_graph_not_its_code(tmp_path
 # --- .h5 weights for from_larq_zoo ----------------------------------------------------------
 
 
-def keras_like(path, layers):
-    """A weights file laid out as Keras writes one: {layer: {weight name: array-or-callable}}."""
+KERNEL = "conv1/kernel:0"
+
+
+def ones(group, name):
+    group.create_dataset(name, data=np.ones((7, 7, 3, 64), np.float32))
+
+
+def declared(*shape):
+    """A chunked dataset of `shape` with nothing written: the file stays a few KB."""
+    return lambda group, name: group.create_dataset(name, shape=shape, dtype="f4",
+                                                    chunks=(1,) * (len(shape) - 1) + (1000,))
+
+
+def link(target):
+    def make(group, name):
+        group[name] = target
+    return make
+
+
+def weights_file(path, weight=ones, edit=None):
+    """A weights file as Keras lays one out: layer 'conv1' with the weight KERNEL, made by
+    `weight(group, name)`; then `edit(file)`."""
     with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = [name.encode() for name in layers]
-        for name, weights in layers.items():
-            group = f.create_group(name)
-            group.attrs["weight_names"] = [w.encode() for w in weights]
-            for w, value in weights.items():
-                value(group, w) if callable(value) else group.create_dataset(w, data=value)
+        f.attrs["layer_names"] = [b"conv1"]
+        group = f.create_group("conv1")
+        group.attrs["weight_names"] = [KERNEL.encode()]
+        weight(group, KERNEL)
+        if edit:
+            edit(f)
     return path
+
+
+def layer_as_dataset(f):
+    del f["conv1"]
+    f.create_dataset("conv1", data=np.ones(3))
 
 
 def hostile_files(folder):
     """{what: (path, what the error must say)}."""
-    other = keras_like(folder / "other.h5", {"conv1": {"conv1/kernel:0": np.ones((7, 7, 3, 64))}})
+    other = weights_file(folder / "other.h5")
     secret = folder / "secret.bin"
     secret.write_bytes(b"\1" * 4096)
-    files = {
-        "a declared 10^10 numbers (chunked, never written: a 10 KB file)": (
-            keras_like(folder / "huge.h5", {"conv1": {"conv1/kernel:0": lambda g, w: g.create_dataset(
-                w, shape=(100_000, 100_000), dtype="f4", chunks=(1, 1000))}}),
-            "declares 10,000,000,000 numbers"),
+    (folder / "noise.h5").write_bytes(random.Random(0).randbytes(4096))
+    truncated = folder / "truncated.h5"
+    truncated.write_bytes(weights_file(folder / "whole.h5").read_bytes()[:3000])
+    cases = {
+        "10^10 numbers declared in an 8 KB file": (
+            dict(weight=declared(100_000, 100_000)), "declares 10,000,000,000 numbers"),
+        "an absurd shape, 2^31 x 2^31": (
+            dict(weight=declared(2**31, 2**31)), "declares 4,611,686,018,427,387,904 numbers"),
         "strings where numbers belong": (
-            keras_like(folder / "strings.h5", {"conv1": {"conv1/kernel:0": np.array([b"abc"] * 4)}}),
-            "not numbers"),
+            dict(weight=lambda g, n: g.create_dataset(n, data=np.array([b"abc"] * 4))), "not numbers"),
         "a null dataset": (
-            keras_like(folder / "null.h5", {"conv1": {"conv1/kernel:0": lambda g, w: g.create_dataset(
-                w, data=h5py.Empty("f4"))}}),
-            "not numbers"),
+            dict(weight=lambda g, n: g.create_dataset(n, data=h5py.Empty("f4"))), "not numbers"),
         "layer names that are numbers": (
-            keras_like(folder / "int_names.h5", {}), "is not a list of names"),
-        "a layer that is a dataset": (
-            keras_like(folder / "dataset_layer.h5", {}), "not a Group"),
-        "no layer_names": (folder / "bare.h5", "layer_names"),
-        "a layer without weight_names": (folder / "no_weight_names.h5", "weight_names"),
+            dict(edit=lambda f: f.attrs.__setitem__("layer_names", np.arange(3))),
+            "is not a list of names"),
+        "a layer that is a dataset": (dict(edit=layer_as_dataset), "not a Group"),
+        "no layer_names": (dict(edit=lambda f: f.attrs.__delitem__("layer_names")), "layer_names"),
+        "a layer without weight_names": (
+            dict(edit=lambda f: f["conv1"].attrs.__delitem__("weight_names")), "weight_names"),
         "a weight behind an external link": (
-            keras_like(folder / "external_link.h5", {"conv1": {
-                "conv1/kernel:0": lambda g, w: g.__setitem__(w, h5py.ExternalLink(other, "/conv1/conv1/kernel:0"))}}),
+            dict(weight=link(h5py.ExternalLink(other, f"/conv1/{KERNEL}"))),
             "ExternalLink, not in the file"),
         "a weight behind a soft link": (
-            keras_like(folder / "soft_link.h5", {"conv1": {
-                "conv1/kernel:0": lambda g, w: g.__setitem__(w, h5py.SoftLink("/elsewhere"))}}),
-            "SoftLink, not in the file"),
+            dict(weight=link(h5py.SoftLink("/elsewhere"))), "SoftLink, not in the file"),
         "a weight stored in another file (external storage)": (
-            keras_like(folder / "external_storage.h5", {"conv1": {"conv1/kernel:0": lambda g, w: g.create_dataset(
-                w, shape=(1024,), dtype="f4", external=[(str(secret), 0, 4096)])}}),
+            dict(weight=lambda g, n: g.create_dataset(n, shape=(1024,), dtype="f4",
+                                                      external=[(str(secret), 0, 4096)])),
             "keeps its data outside the file"),
-        "not HDF5 at all": (folder / "noise.h5", "OSError"),
-        "a truncated weights file": (folder / "truncated.h5", "OSError"),
-        "an absurd shape, 2^31 x 2^31": (
-            keras_like(folder / "absurd.h5", {"conv1": {"conv1/kernel:0": lambda g, w: g.create_dataset(
-                w, shape=(2**31, 2**31), dtype="f4", chunks=(1, 1024))}}),
-            "declares 4,611,686,018,427,387,904 numbers"),
     }
-    with h5py.File(folder / "int_names.h5", "a") as f:
-        f.attrs["layer_names"] = np.arange(3)
-    with h5py.File(folder / "dataset_layer.h5", "a") as f:
-        f.attrs["layer_names"] = [b"conv1"]
-        f.create_dataset("conv1", data=np.ones(3))
-    with h5py.File(folder / "bare.h5", "w") as f:
-        f.create_group("conv1")
-    with h5py.File(folder / "no_weight_names.h5", "w") as f:
-        f.attrs["layer_names"] = [b"conv1"]
-        f.create_group("conv1")
-    (folder / "noise.h5").write_bytes(random.Random(0).randbytes(4096))
-    whole = keras_like(folder / "whole.h5", {"conv1": {"conv1/kernel:0": np.ones((7, 7, 3, 64))}})
-    (folder / "truncated.h5").write_bytes(whole.read_bytes()[:3000])
+    files = {what: (weights_file(folder / f"case{i}.h5", **how), cause)
+             for i, (what, (how, cause)) in enumerate(cases.items())}
+    files["not HDF5 at all"] = (folder / "noise.h5", "OSError")
+    files["a truncated weights file"] = (truncated, "OSError")
     return files
 
 
@@ -508,7 +516,7 @@ def test_larq_zoo_weights_loading_refuses_a_hostile_h5(tmp_path):
 def test_from_larq_zoo_refuses_a_hostile_h5(tmp_path):
     from bireal_tf.models import from_larq_zoo
 
-    path = hostile_files(tmp_path)["a declared 10^10 numbers (chunked, never written: a 10 KB file)"][0]
+    path = hostile_files(tmp_path)["10^10 numbers declared in an 8 KB file"][0]
     with pytest.raises(ValueError, match=f"{path} is not a readable .*10,000,000,000 numbers"):
         from_larq_zoo(path, input_shape=(32, 32, 3))
 
