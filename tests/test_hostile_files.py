@@ -140,9 +140,33 @@ def max_pool_padding_3(flatbuffer: bytes) -> bytes:
     raise AssertionError("no MAX_POOL_2D op: the tiny net changed")
 
 
-CRASHERS = {  # how the file is broken: (the mutation, what LCE's bare interpreter dies of)
-    "structure": (quantization_pointing_away, "SIGSEGV", "load"),
-    "value": (max_pool_padding_3, "SIGABRT", "invoke"),
+def bconv_options_root_width_100(flatbuffer: bytes) -> bytes:
+    """The flatbuffer with an LceBconv2d's options (a flexbuffer map) claiming a root
+    value 100 bytes wide: LCE's op reads them when the interpreter is built, with no
+    bounds check, and dies of SIGSEGV. Found by fuzzing the options' bytes (3 crashes
+    in 150 mutants; the last byte of the options holds the root width)."""
+    model = TFLiteGraph(flatbuffer).model
+    subgraph = model.Subgraphs(0)
+    for i in range(subgraph.OperatorsLength()):
+        op = subgraph.Operators(i)
+        if model.OperatorCodes(op.OpcodeIndex()).CustomCode() == b"LceBconv2d":
+            end = op._tab.Vector(op._tab.Offset(14)) + op.CustomOptionsLength()
+            data = bytearray(flatbuffer)
+            data[end - 1] = 100
+            return bytes(data)
+    raise AssertionError("no LceBconv2d op: the tiny net changed")
+
+
+CRASHERS = {  # how the file is broken: the mutation, what LCE's bare interpreter dies of,
+    # when, and what the project's readers say
+    "structure": (quantization_pointing_away, "SIGSEGV", "load",
+                  "is not a valid TFLite flatbuffer (QuantizationParameters table at byte"),
+    "LCE options": (bconv_options_root_width_100, "SIGSEGV", "load",
+                    "is not a valid TFLite flatbuffer (the options of operator"),
+    "value": (max_pool_padding_3, "SIGABRT", "invoke",
+              "the file crashed the TFLite interpreter: it is corrupt. LCE's interpreter, run "
+              "on it in a child process (memory capped at 2048 MB for its tensors), died of "
+              "SIGABRT while running it once on zeros"),
 }
 
 
@@ -233,8 +257,8 @@ def cli_outcomes(tflite, tmp_path_factory):
     """The crashers and the fast fuzz cases, through the project's readers in one subprocess."""
     folder = tmp_path_factory.mktemp("mutants")
     crashers = {}
-    for name, (mutate, _, _) in CRASHERS.items():
-        crashers[name] = folder / f"crasher_{name}.tflite"
+    for name, (mutate, *_) in CRASHERS.items():
+        crashers[name] = folder / f"crasher_{name.replace(' ', '_')}.tflite"
         crashers[name].write_bytes(mutate(tflite.read_bytes()))
     fuzzed = mutants(tflite.read_bytes(), folder, seed=20, cases=FAST_FUZZ_CASES)
     outcomes = through_the_cli([*crashers.values(), *fuzzed], folder)
@@ -245,24 +269,20 @@ def cli_outcomes(tflite, tmp_path_factory):
 @pytest.mark.parametrize("broken", CRASHERS)
 def test_a_tflite_that_crashes_the_bare_interpreter_gets_a_clear_error(cli_outcomes, broken):
     path, outcome = cli_outcomes[0][broken]
-    _, signal, stage = CRASHERS[broken]
+    _, signal, stage, expected = CRASHERS[broken]
     TFLiteGraph(path.read_bytes())  # the project's own parser finds nothing wrong
 
     bare = probe_interpreter(path.read_bytes())  # LCE's interpreter, unchecked, in a child
     assert bare.signal == signal and bare.stage == stage, bare
 
-    if broken == "structure":  # refused before any interpreter sees it
-        with pytest.raises(UnsafeFlatbuffer, match="QuantizationParameters .* outside the"):
-            verify_flatbuffer(path.read_bytes())
-        expected = "is not a valid TFLite flatbuffer (QuantizationParameters"
-    else:  # well-formed: the interpreter, in a child process, dies instead of this one
+    if broken == "value":  # well-formed: the interpreter dies in a child, not here
         verify_flatbuffer(path.read_bytes())
-        expected = "the file crashed the TFLite interpreter: it is corrupt. LCE's interpreter"
+    else:  # refused before any interpreter sees it
+        with pytest.raises(UnsafeFlatbuffer, match="lies outside|root width"):
+            verify_flatbuffer(path.read_bytes())
     with pytest.raises(ModelFileError) as err:
         read_flatbuffer_file(path)
     assert expected in str(err.value) and str(path) in str(err.value), str(err.value)
-    if broken == "value":
-        assert f"died of {signal} while running it once on zeros" in str(err.value)
     # The issue's case: `python -m bireal_tf.evaluate` died with exit 139, printing nothing.
     assert outcome["exit"] == 2 and len(outcome["errors"]) == 1, outcome
     assert expected in outcome["errors"][0] and outcome["read"].startswith("ModelFileError")
