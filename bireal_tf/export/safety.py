@@ -7,7 +7,8 @@ and die of SIGSEGV, or allocate gigabytes. Neither TF 2.16, LCE 0.16 nor the
 
 1. `verify_flatbuffer`: every offset the interpreter follows (tables, vectors,
    strings, unions of the TFLite schema) must land inside the file; what the C++
-   `Verifier` checks, in pure Python, with its limit of 1,000,000 tables. An
+   `Verifier` checks, in pure Python, with its limit of 1,000,000 tables; and the
+   same for the flexbuffer options of LCE's ops, which their C++ code reads. An
    out-of-bounds read is undefined behaviour: it may pass in one process and
    crash another (found by the fuzz test: a quantization table's vtable offset
    that a child process survived and the evaluating process did not), so it is
@@ -27,6 +28,7 @@ macOS (crashes are still contained there).
 This module imports nothing of bireal_tf: `python -P safety.py` is the child.
 """
 
+import bisect
 import importlib.machinery
 import importlib.util
 import os
@@ -185,12 +187,113 @@ class _Verifier:
                     self._need(offset, size, f"buffer {i}'s data")
 
 
+class _Flexbuffer:
+    """Walks a flexbuffer (LCE ops keep their options in one, read by the op's C++ code)
+    from its root, and checks every offset against its size.
+
+    A value is referred to by its position, the width of the slot holding it, and a
+    packed type byte (type << 2 | log2 of its own width). Offsets point backwards.
+    """
+
+    FIXED_LENGTH = {16: 2, 17: 2, 18: 2, 19: 3, 20: 3, 21: 3, 22: 4, 23: 4, 24: 4}
+
+    def __init__(self, buf: bytes, what: str):
+        self.buf, self.what, self.values = buf, what, 0
+        self.zeros = [i for i, byte in enumerate(buf) if byte == 0]  # where keys can end
+
+    def _span(self, pos, length):
+        if pos < 0 or length < 0 or pos + length > len(self.buf):
+            raise UnsafeFlatbuffer(f"{self.what}: byte {pos} (+{length}) lies outside its "
+                                   f"{len(self.buf)} bytes")
+
+    def _uint(self, pos, width):
+        self._span(pos, width)
+        return int.from_bytes(self.buf[pos:pos + width], "little")
+
+    def _key(self, pos):
+        """A key is a C string: it must end inside the buffer."""
+        self._span(pos, 1)
+        if bisect.bisect_left(self.zeros, pos) == len(self.zeros):
+            raise UnsafeFlatbuffer(f"{self.what}: the key at byte {pos} has no end")
+
+    def root(self):
+        if len(self.buf) < 3:
+            raise UnsafeFlatbuffer(f"{self.what}: {len(self.buf)} bytes, too short")
+        width = self.buf[-1]
+        if width not in (1, 2, 4, 8):
+            raise UnsafeFlatbuffer(f"{self.what}: root width {width}")
+        self.value(len(self.buf) - 2 - width, width, self.buf[-2], 0)
+
+    def value(self, pos, slot, packed, depth):
+        self.values += 1
+        if depth > 64 or self.values > MAX_TABLES:
+            raise UnsafeFlatbuffer(f"{self.what}: nested more than 64 deep or more than "
+                                   f"{MAX_TABLES:,} values")
+        kind, width = packed >> 2, 1 << (packed & 3)
+        offset = self._uint(pos, slot)
+        if kind in (0, 1, 2, 3, 26):  # null, int, uint, float, bool: inline
+            return
+        target = pos - offset
+        if kind == 4:  # key
+            self._key(target)
+        elif kind in (5, 25):  # string (with a terminator), blob
+            self._span(target, self._uint(target - width, width) + (kind == 5))
+        elif kind in (6, 7, 8):  # indirect int, uint, float
+            self._span(target, width)
+        elif kind in (9, 10):  # map, vector: the values, then one packed type byte each
+            size = self._uint(target - width, width)
+            self._span(target, size * (width + 1))
+            for i in range(size):
+                self.value(target + i * width, width, self.buf[target + size * width + i],
+                           depth + 1)
+            if kind == 9:  # a map's keys: a vector of keys, its offset and width before
+                keys_width = self._uint(target - 2 * width, width)
+                if keys_width not in (1, 2, 4, 8):
+                    raise UnsafeFlatbuffer(f"{self.what}: key width {keys_width}")
+                keys = target - 3 * width - self._uint(target - 3 * width, width)
+                self._typed(keys, keys_width, 4, self._uint(keys - keys_width, keys_width))
+        elif 11 <= kind <= 15 or kind == 36:  # typed vectors
+            self._typed(target, width, kind, self._uint(target - width, width))
+        elif kind in self.FIXED_LENGTH:
+            self._span(target, self.FIXED_LENGTH[kind] * width)
+        else:
+            raise UnsafeFlatbuffer(f"{self.what}: unknown value type {kind}")
+
+    def _typed(self, pos, width, kind, size):
+        self._span(pos, size * width)
+        for i in range(size if kind in (4, 14, 15) else 0):  # keys, strings: offsets
+            at = pos + i * width
+            target = at - self._uint(at, width)
+            if kind == 15:
+                self._span(target, self._uint(target - width, width) + 1)
+            else:
+                self._key(target)
+
+
+def _verify_custom_options(data: bytes):
+    """The flexbuffer options of LCE's ops (LceBconv2d, ...), whose C++ code reads them."""
+    from larq_compute_engine.mlir.python import tflite_schema
+
+    model = tflite_schema.Model.GetRootAsModel(data, 0)  # bounds checked by now
+    lce = {i for i in range(model.OperatorCodesLength())
+           if (model.OperatorCodes(i).CustomCode() or b"").startswith(b"Lce")}
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for o in range(graph.OperatorsLength()):
+            op = graph.Operators(o)
+            if op.OpcodeIndex() in lce and op.CustomOptionsLength():
+                options = bytes(op.CustomOptionsAsNumpy())
+                _Flexbuffer(options, f"the options of operator {o} (subgraph {g})").root()
+
+
 def verify_flatbuffer(flatbuffer: bytes) -> None:
-    """UnsafeFlatbuffer unless every offset TFLite's interpreter follows stays in the file."""
+    """UnsafeFlatbuffer unless every offset that TFLite's interpreter, or an LCE op reading
+    its options, follows stays in the file."""
     data = bytes(flatbuffer)
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise UnsafeFlatbuffer("not a TFLite flatbuffer (no 'TFL3' at bytes 4-8)")
     _Verifier(data).model()
+    _verify_custom_options(data)
 
 
 # --- 2. the interpreter, in a child process ------------------------------------------------
