@@ -48,7 +48,8 @@ def _load(model_or_path, allow_non_lce, num_threads):
     """('keras' | 'tflite', model or TFLiteRunner, description, op histogram or None)."""
     import tensorflow as tf
 
-    from bireal_tf.export.files import ModelFileError, first_line, load_keras_model, read_flatbuffer_file
+    from bireal_tf.export.files import (ModelFileError, check_tflite, first_line, load_keras_model,
+                                        read_flatbuffer_file)
     from bireal_tf.export.flatbuffer import LCE_OPS, op_histogram
     from bireal_tf.export.portable import is_portable_file
     from bireal_tf.export.runtime import LiteRTRunner, TFLiteRunner
@@ -57,6 +58,7 @@ def _load(model_or_path, allow_non_lce, num_threads):
         return "keras", model_or_path, f"<in-memory Keras model '{model_or_path.name}'>", None
     if isinstance(model_or_path, (bytes, bytearray)):
         flatbuffer, source = bytes(model_or_path), "<in-memory .tflite>"
+        check_tflite(flatbuffer, source)  # a corrupt file must not kill this process
     elif isinstance(model_or_path, (str, Path)):
         path = Path(model_or_path)
         if not _is_tflite_path(path):
@@ -83,7 +85,9 @@ def _load(model_or_path, allow_non_lce, num_threads):
             "(allow_non_lce=True) to evaluate it anyway."
         )
     try:
-        runner = TFLiteRunner(flatbuffer, num_threads=num_threads or 1)
+        runner = TFLiteRunner(flatbuffer, num_threads=num_threads or 1, source=source)
+    except ModelFileError:
+        raise
     except Exception as err:
         raise ModelFileError(
             f"LCE's interpreter cannot load '{source}' ({type(err).__name__}: "

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bireal_tf.export.files import check_tflite
+
 __all__ = ["HOST_LATENCY_NOTE", "LITERT_LATENCY_NOTE", "RUNNERS", "LiteRTRunner", "TFLiteRunner",
            "measure_latency"]
 
@@ -44,9 +46,12 @@ class TFLiteRunner:
 
     runtime = "lce"
 
-    def __init__(self, flatbuffer: bytes, num_threads: int = 1, use_reference_bconv: bool = False):
+    def __init__(self, flatbuffer: bytes, num_threads: int = 1, use_reference_bconv: bool = False,
+                 source: str = "<in-memory .tflite>"):
         from larq_compute_engine import testing as lce_testing
 
+        # A corrupt file can kill the interpreter's process: try it in a child first.
+        check_tflite(flatbuffer, source, use_reference_bconv=use_reference_bconv)
         self.interpreter = lce_testing.Interpreter(
             flatbuffer, num_threads=int(num_threads), use_reference_bconv=use_reference_bconv)
         i = self.interpreter
@@ -86,9 +91,12 @@ class LiteRTRunner(TFLiteRunner):
 
     runtime = "litert"
 
-    def __init__(self, flatbuffer: bytes, num_threads: int = 1):
+    def __init__(self, flatbuffer: bytes, num_threads: int = 1, source: str = "<in-memory .tflite>"):
         from ai_edge_litert.interpreter import Interpreter
 
+        # The same structure check and child-process probe as TFLiteRunner's (LCE's
+        # interpreter runs builtin ops as LiteRT does).
+        check_tflite(flatbuffer, source)
         self.interpreter = Interpreter(model_content=bytes(flatbuffer), num_threads=int(num_threads))
         self.interpreter.allocate_tensors()
         (self._in,), (self._out,) = (self.interpreter.get_input_details(),

@@ -65,23 +65,81 @@ def _fetch(include_top):
         ) from e
 
 
+# larq-zoo's Bi-Real-18 with its top holds 11,699,112 numbers in 100-odd layers; a file
+# declaring more is not that file, and is refused before any of its data is read.
+MAX_NUMBERS = 16_000_000
+MAX_NAMES = 10_000
+
+
+class _Unreadable(ValueError):
+    """A weights file refused by `_read_h5`; the message names the file and the cause."""
+
+
 def _read_h5(path):
-    """[(layer name, [arrays])] of a Keras .h5 weights file, layers with weights, in order."""
+    """[(layer name, [arrays])] of a Keras .h5 weights file, layers with weights, in order.
+
+    The file is untrusted: every name must lead to a plain group or dataset in the
+    file itself (no external or soft links, no external or virtual storage), each
+    dataset must hold numbers, and all together at most MAX_NUMBERS of them, checked
+    from the declared shapes before any data is read. Anything else is a ValueError
+    naming the file and the cause.
+    """
     import h5py
+
+    def bad(cause):
+        return _Unreadable(f"{path} is not a readable Keras .h5 weights file ({cause}).")
+
+    def names(node, attr):
+        values = node.attrs[attr]
+        if isinstance(values, np.ndarray) and values.shape == (0,):
+            return []  # Keras writes a layer without weights as an empty float array
+        if not isinstance(values, np.ndarray) or values.ndim != 1 or values.dtype.kind not in "SUO":
+            raise bad(f"attribute '{attr}' of '{node.name}' is not a list of names")
+        if len(values) > MAX_NAMES:
+            raise bad(f"attribute '{attr}' of '{node.name}' lists {len(values):,} names, more "
+                      f"than the {MAX_NAMES:,} read")
+        values = [v.decode() if isinstance(v, bytes) else v for v in values]
+        if not all(isinstance(v, str) and v for v in values):
+            raise bad(f"attribute '{attr}' of '{node.name}' is not a list of names")
+        return values
+
+    def member(group, name, kind):
+        node = group
+        for part in name.split("/"):
+            link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
+            if not isinstance(link, h5py.HardLink):
+                what = "missing" if link is None else f"a {type(link).__name__}, not in the file"
+                raise bad(f"'{name}' under '{group.name}' is {what}")
+            node = node[part]
+        if not isinstance(node, kind):
+            raise bad(f"'{node.name}' is a {type(node).__name__}, not a {kind.__name__}")
+        return node
 
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
-            layers = []
-            for name in group.attrs["layer_names"]:
-                name = name.decode() if isinstance(name, bytes) else name
-                weights = [w.decode() if isinstance(w, bytes) else w
-                           for w in group[name].attrs["weight_names"]]
-                if weights:
-                    layers.append((name, [np.asarray(group[name][w]) for w in weights]))
-            return layers
-    except (OSError, KeyError) as e:
-        raise ValueError(f"{path} is not a readable Keras .h5 weights file ({e}).") from e
+            datasets = []
+            for name in names(group, "layer_names"):
+                layer = member(group, name, h5py.Group)
+                found = [member(layer, w, h5py.Dataset) for w in names(layer, "weight_names")]
+                if found:
+                    datasets.append((name, found))
+            total = 0
+            for _, found in datasets:
+                for d in found:
+                    if d.shape is None or d.dtype.kind not in "fiu":
+                        raise bad(f"dataset '{d.name}' holds {d.dtype} {d.shape}, not numbers")
+                    if d.external or d.is_virtual:
+                        raise bad(f"dataset '{d.name}' keeps its data outside the file")
+                    total += int(np.prod(d.shape, dtype=object))
+            if total > MAX_NUMBERS:
+                raise bad(f"it declares {total:,} numbers; larq-zoo's Bi-Real-18 has 11,699,112, "
+                          f"and at most {MAX_NUMBERS:,} are read")
+            return [(name, [np.asarray(d[()]) for d in found]) for name, found in datasets]
+    except _Unreadable:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise bad(f"{type(e).__name__}: {e}") from e
 
 
 def _assign_in_order(layers, ours, path, what):

@@ -159,6 +159,18 @@ def _absorb_weight_scale(model, source_layers):
         bn.moving_variance.assign(bn.moving_variance.numpy() / scale**2)
 
 
+def _delete_run(path):
+    """Delete the run in `path` but not its worker-<i>/ folders: in a multi-worker run the
+    other workers write there, and may already be; each worker clears its own."""
+    for entry in os.scandir(path):
+        if entry.name.startswith("worker-") and entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
 class Trainer:
     """Runs a recipe's stages into an output directory. See the module docstring."""
 
@@ -224,11 +236,12 @@ class Trainer:
                     raise RunDirError(
                         f"{self.write_dir} holds a run of recipe {previous.get('recipe')!r}, "
                         f"not {self.recipe.name!r}. Choose another --output-dir, or pass "
-                        "--overwrite to delete that run."
+                        "--overwrite to delete that run (the workers' worker-<i>/ folders in "
+                        "it are kept: each worker clears its own)."
                     )
-                shutil.rmtree(self.write_dir)
+                _delete_run(self.write_dir)
             elif self.overwrite:
-                shutil.rmtree(self.write_dir)
+                _delete_run(self.write_dir)
         # The other workers of a multi-worker run write to worker-<i>/ inside the chief's
         # directory and may create it before the chief gets here: not a foreign entry.
         elif os.path.isdir(self.write_dir) and not self.overwrite and any(
@@ -287,8 +300,9 @@ class Trainer:
         if not os.path.exists(path):
             raise TrainingError(f"--init-weights {path} does not exist.")
         if path.endswith(".keras") or os.path.isdir(path):
-            with custom_objects():
-                source = tf.keras.models.load_model(path, compile=False)
+            from bireal_tf.export.files import load_keras_model  # safe mode in every format
+
+            source = load_keras_model(path)
             by_name = {layer.name: layer for layer in source.layers}
             copied = 0
             for layer in model.layers:

@@ -71,7 +71,8 @@ def parse_args(argv):
                           "larq-zoo's ImageNet Bi-Real-18 (fetched and hash-checked by larq-zoo)")
     run.add_argument("--output-dir", help="default: runs/<recipe>")
     run.add_argument("--overwrite", action="store_true",
-                     help="delete a run of another recipe found in --output-dir")
+                     help="delete the run found in --output-dir (never the workers' "
+                          "worker-<i>/ folders: each worker clears its own)")
     run.add_argument("--strategy", default="default",
                      help="default, one_device, mirrored, multi_worker (TF_CONFIG), tpu")
     run.add_argument("--tpu", help="TPU name or address for --strategy tpu")
