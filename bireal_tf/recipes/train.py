@@ -57,6 +57,9 @@ def parse_args(argv):
     hp.add_argument("--weight-decay", type=float)
     hp.add_argument("--label-smoothing", type=float)
     hp.add_argument("--augmentation", choices=("adam", "paper", "none"))
+    hp.add_argument("--activation", choices=("binary", "relu", "leaky_clip", "clip"),
+                    help="the network variant every stage trains: relu trains the recipe's "
+                         "real-valued twin (e.g. a teacher for --teacher PATH)")
     hp.add_argument("--steps-per-epoch", type=int)
     hp.add_argument("--seed", type=int)
     hp.add_argument("--padding", choices=("same", "symmetric"))
@@ -129,6 +132,7 @@ def build_recipe(args):
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         augmentation=args.augmentation,
+        activation=args.activation,
     )
     return recipe, fitted
 
