@@ -1,5 +1,5 @@
 """Benchmarks of bireal_tf: training throughput and its live levers, the time between steps,
-the input pipeline,
+the cost of a teacher (distillation), the input pipeline,
 LCE export (size, conversion time, host latency) and training-step memory.
 
     python -m benchmarks                 # everything (make bench); writes BENCHMARKS.md
@@ -22,7 +22,7 @@ import importlib
 #   markdown(result) -> str          its part of BENCHMARKS.md, under the heading;
 #   findings(result) -> list[str]    its lines of the summary.
 # A new section is its module, its name here and its sizes in common.Settings.
-SECTIONS = ("training", "epoch", "pipeline", "export", "portable", "memory")
+SECTIONS = ("training", "epoch", "distill", "pipeline", "export", "portable", "memory")
 
 
 def section(name: str):

@@ -60,6 +60,8 @@ class Settings:
     epoch_limit_train: Optional[int]
     epoch_limit_eval: Optional[int]
     epoch_batch: int
+    # distill: (size, batch, classes, teachers) per group; teachers of benchmarks.distill
+    distill_groups: Tuple[Tuple[int, int, int, Tuple[str, ...]], ...]
 
     @classmethod
     def full(cls):
@@ -74,6 +76,7 @@ class Settings:
             memory_jobs=((18, 32), (18, 128), (50, 32), (50, 128)), memory_size=224,
             memory_parallel=1,
             epoch_epochs=3, epoch_limit_train=None, epoch_limit_eval=None, epoch_batch=64,
+            distill_groups=((32, 128, 10, ("twin",)), (224, 32, 1000, ("twin", "resnet50"))),
         )
 
     @classmethod
@@ -87,6 +90,7 @@ class Settings:
             export_depths=(18,), export_size=96, latency_repeats=2, export_num_classes=10,
             memory_jobs=((18, 4), (18, 8)), memory_size=64, memory_parallel=2,
             epoch_epochs=2, epoch_limit_train=128, epoch_limit_eval=64, epoch_batch=32,
+            distill_groups=((32, 4, 10, ("twin", "resnet50")),),
         )
 
 

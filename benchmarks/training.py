@@ -109,9 +109,11 @@ def prebuild(model, size: int, num_classes: int):
 class TrainCase:
     """A built, compiled and traced model; `run()` is one timed repeat in images/s."""
 
-    def __init__(self, cfg: TrainConfig, num_classes: int, repeat_seconds: float):
+    def __init__(self, cfg: TrainConfig, num_classes: int, repeat_seconds: float, wrap=None):
         self.cfg = cfg
         self.model = build_model(cfg, num_classes)
+        if wrap is not None:  # e.g. the distill section's Distiller around the student
+            self.model = wrap(self.model)
         self.info = compile_like_training(self.model, cfg)
         prebuild(self.model, cfg.size, num_classes)
         self.fn = self.model.make_train_function()

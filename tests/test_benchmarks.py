@@ -175,6 +175,25 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
     assert set(model["latency_ms"]) == {"lce_1t", "lce_2t", "float_1t", "float_2t"}
     assert all(_positive(s["median"]) for s in model["latency_ms"].values())
 
+    (distill,) = results["sections"]["distill"]["groups"]
+    assert set(distill["cases"]) == {"student", "student+twin", "student+resnet50"}
+    assert all(_positive(c["images_per_second"]["median"]) for c in distill["cases"].values())
+    assert set(distill["ratios"]) == {"twin", "resnet50"}
+    for kind, r in distill["ratios"].items():  # a ratio of the two medians of the same rounds
+        assert r["ratio"] == pytest.approx(
+            distill["cases"][f"student+{kind}"]["images_per_second"]["median"]
+            / distill["cases"]["student"]["images_per_second"]["median"], rel=1e-3)
+
+    (portable,) = results["sections"]["portable"]["models"]
+    assert portable["depth"] == 18 and portable["int8_binary_convs"] == 16
+    assert not any(op.startswith("Lce") for op in portable["op_histogram"])
+    assert portable["bytes"]["portable"] < portable["bytes"]["float"]
+    assert portable["portable_over_float_size"] == pytest.approx(
+        portable["bytes"]["portable"] / portable["bytes"]["float"], abs=1e-4)
+    assert set(portable["latency_ms"]) == {f"{k}_{t}t" for k in ("portable", "lce", "float")
+                                           for t in (1, 2)}
+    assert all(_positive(s["median"]) for s in portable["latency_ms"].values())
+
     runs = results["sections"]["memory"]["runs"]
     assert [(r["depth"], r["batch"]) for r in runs] == [(18, 4), (18, 8)]
     for r in runs:
@@ -186,9 +205,11 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path):
                    "## 1. Training throughput",
                    "| input | precision ours / zoo | ours (Bi-Real-18) | larq-zoo BiRealNet |",
                    "### Levers", "## 2. Time between steps", "| epoch | wall (s) |",
-                   "## 3. Input pipeline", "| augmentation | images/s",
-                   "## 4. Export", "Host latency (x86-64)", "| network | LCE 1 thread",
-                   "## 5. Training-step memory", "## Measured and rejected", "| XLA ("):
+                   "## 3. Distillation",
+                   "## 4. Input pipeline", "| augmentation | images/s",
+                   "## 5. Export", "Host latency (x86-64)", "| network | LCE 1 thread",
+                   "## 6. Portable export", "| network | threads | portable (LiteRT)",
+                   "## 7. Training-step memory", "## Measured and rejected", "| XLA ("):
         assert needle in md, needle
     assert (f"ours {headline['ours']:.1f} vs larq-zoo {headline['larq_zoo']:.1f} images/s"
             in md.split("## 1.")[0])  # the headline is in the summary

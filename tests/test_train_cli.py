@@ -42,13 +42,15 @@ def test_list_prints_one_line_per_recipe(capsys):
     assert main(["--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == [
-        "r18_adam", "r34_adam", "r50_adam", "r18_paper", "r34_paper"]
+        "r18_adam", "r34_adam", "r50_adam", "r18_paper", "r34_paper", "r18_react", "r34_react"]
+    assert lines[-1].endswith("stages twin(128) -> step1(128) -> step2(128); teacher twin")
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["r19_adam"], "valid recipes: r18_adam, r34_adam, r50_adam, r18_paper, r34_paper"),
+        (["r19_adam"], "valid recipes: r18_adam, r34_adam, r50_adam, r18_paper, r34_paper, "
+                       "r18_react, r34_react"),
         (["r18_adam", "--dataset", "mnist"], "fashion_mnist_embedded"),
         (["r18_paper", "--stage", "warmup"], "valid stages: relu, leaky_clip, clip, binary"),
         (["r18_adam", "--strategy", "horovod"], "valid strategies: default, one_device"),
@@ -57,6 +59,9 @@ def test_list_prints_one_line_per_recipe(capsys):
         (["r18_adam", "--dataset", "imagenet2012", "--data-dir", "{tmp}"], "manual"),
         (["r18_adam", "--int8-epochs", "-1"], "--int8-epochs must be >= 0"),
         (["r18_adam", "--int8-epochs", "1"], "add --pad-values 1"),
+        (["r18_adam", "--teacher", "/nonexistent/t.keras"], "/nonexistent/t.keras does not exist"),
+        (["r18_react", "--distill-weight", "1.5"], "distill_weight must be in [0, 1]"),
+        (["r18_react", "--stage", "step2"], "distills from the twin, which is not trained"),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):

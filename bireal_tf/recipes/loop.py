@@ -15,6 +15,11 @@ checkpoints continues after its last completed epoch, with the optimizer state
 and step counter restored. Each epoch's data order and augmentation are drawn
 from (seed, stage, epoch), so a resumed run sees the same batches as an
 uninterrupted one.
+
+Distillation (recipe.teacher; bireal_tf.recipes.distill): a stage that distills
+trains through a `Distiller` around its model; the checkpoints hold the student
+and its optimizer only, as without a teacher. The teacher is a file, or the model
+of the run's twin stage, which a resumed run finds done and does not train again.
 """
 import csv
 import io
@@ -33,7 +38,8 @@ from bireal_tf import models
 from bireal_tf.data import load_dataset
 from bireal_tf.models.layers import Subsample2D
 from bireal_tf.quantizers import MagnitudeAwareSign, custom_objects
-from bireal_tf.recipes.recipe import SMALL_IMAGE_MAX_SIZE, make_optimizer
+from bireal_tf.recipes.distill import Distiller, load_teacher
+from bireal_tf.recipes.recipe import SMALL_IMAGE_MAX_SIZE, TWIN, conv_l2_loss, make_optimizer
 from bireal_tf.utils import atomic_write_text, bf16_cpu_flags, library_versions, save_model_atomic
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -222,6 +228,10 @@ class Trainer:
             mixed_precision, strategy, input_size(recipe))
         if self.steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be >= 1, got {steps_per_execution}.")
+        if recipe.teacher not in (None, TWIN) and not os.path.exists(recipe.teacher):
+            raise TrainingError(f"--teacher {recipe.teacher} does not exist. Give a Keras "
+                                "classifier file of the same classes, or --teacher twin.")
+        self._teachers = {}  # path -> the loaded teacher, built in this run's strategy scope
 
     # -- set-up --
 
@@ -286,7 +296,11 @@ class Trainer:
             padding=self.recipe.padding,
             pad_values=self.recipe.pad_values,
             kernel_quantizer=quantizer,
+            block=self.recipe.block,
+            binary_weights=stage.binary_weights,
         )
+        if stage.weight_decay and stage.weight_decay_mode == "conv_l2":
+            model.add_loss(conv_l2_loss(model, stage.weight_decay))
         if stage.train_only_batchnorm:
             for layer in model.layers:
                 if not isinstance(layer, tf.keras.layers.BatchNormalization):
@@ -345,28 +359,51 @@ class Trainer:
         self.rows = self._read_metrics()
         t0 = time.time()
         previous_model_path = self.init_weights
+        # A file teacher, or the model of the stage that teaches (the twin), once trained.
+        self.teacher_path = recipe.teacher if recipe.teacher != TWIN else None
+        for index, stage in enumerate(recipe.stages[:start]):  # skipped by --stage
+            if stage.teaches and os.path.exists(self._final_path(index, stage)):
+                self.teacher_path = self._final_path(index, stage)
         train_images, train_seconds = 0, 0.0
         model, eval_spec = None, None
         for index in range(start, len(recipe.stages)):
             stage = recipe.stages[index]
-            stage_dir = os.path.join(self.write_dir, "stages", f"{index}_{stage.name}")
-            final_path = os.path.join(stage_dir, "model.keras")
+            final_path = self._final_path(index, stage)
             if os.path.exists(final_path):
                 self._say(f"Stage {stage.name}: done earlier, {final_path}")
+            else:
+                teacher = self.teacher_path if recipe.distills(stage) else None
+                if recipe.distills(stage) and teacher is None:
+                    raise TrainingError(
+                        f"Stage {stage.name} distills from the twin, which is not trained in "
+                        f"{self.write_dir}: start from stage {recipe.stages[0].name}, or give a "
+                        "trained teacher with --teacher PATH.")
+                model, eval_spec, images, seconds = self._run_stage(
+                    index, stage, os.path.dirname(final_path), previous_model_path, teacher)
+                train_images += images
+                train_seconds += seconds
+                save_model_atomic(model, final_path)
+            if stage.teaches:
+                self.teacher_path = final_path
+            if stage.initializes_next:
                 previous_model_path = final_path
-                continue
-            model, eval_spec, images, seconds = self._run_stage(
-                index, stage, stage_dir, previous_model_path
-            )
-            train_images += images
-            train_seconds += seconds
-            save_model_atomic(model, final_path)
-            previous_model_path = final_path
 
         return self._finish(previous_model_path, model, eval_spec, time.time() - t0,
                             train_images, train_seconds)
 
-    def _run_stage(self, index, stage, stage_dir, init_path):
+    def _final_path(self, index, stage):
+        return os.path.join(self.write_dir, "stages", f"{index}_{stage.name}", "model.keras")
+
+    def _teacher(self, path, spec):
+        """The teacher in `path` for data like `spec`'s (loaded once per run)."""
+        if path not in self._teachers:
+            with self.strategy.scope():
+                self._teachers[path] = load_teacher(
+                    path, num_classes=spec.num_classes, image_size=spec.image_size,
+                    mean=spec.mean, std=spec.std, teacher_input=self.recipe.teacher_input)
+        return self._teachers[path]
+
+    def _run_stage(self, index, stage, stage_dir, init_path, teacher_path=None):
         recipe = self.recipe
         os.makedirs(stage_dir, exist_ok=True)
         batch = recipe.batch_size
@@ -387,7 +424,12 @@ class Trainer:
                 self._load_initial_weights(model, init_path)
             optimizer = make_optimizer(recipe, stage, steps)
             optimizer.build(model.trainable_variables)  # slots exist, so a restore is complete
-            compile_for_stage(model, optimizer, stage.label_smoothing, self.steps_per_execution)
+            trained, smoothing = model, stage.label_smoothing
+            if teacher_path:
+                trained = Distiller(model, self._teacher(teacher_path, spec),
+                                    recipe.distill_weight, stage.label_smoothing)
+                smoothing = 0.0  # the Distiller smooths the label term only
+            compile_for_stage(trained, optimizer, smoothing, self.steps_per_execution)
         # The epoch counter lives outside the strategy scope: a plain variable on the host.
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          epoch=tf.Variable(0, dtype=tf.int64, trainable=False))
@@ -397,7 +439,9 @@ class Trainer:
             self._say(f"Stage {stage.name}: resuming after epoch {first} from {resume_path}")
         else:
             self._say(f"Stage {stage.name}: {stage.epochs} epochs of {steps} steps, batch {batch}, "
-                      f"{stage.optimizer} lr {recipe.scaled_lr(stage):g} ({stage.schedule})")
+                      f"{stage.optimizer} lr {recipe.scaled_lr(stage):g} ({stage.schedule})"
+                      + (f", distilling from {teacher_path} (weight {recipe.distill_weight:g})"
+                         if teacher_path else ""))
 
         if first >= stage.epochs:  # stopped after the last checkpoint, before model.keras
             return model, eval_spec, 0, 0.0
@@ -424,7 +468,7 @@ class Trainer:
                                            profile_batch=0),
             *self.callbacks,
         ]
-        history = model.fit(train, initial_epoch=first, epochs=stage.epochs, steps_per_epoch=steps,
+        history = trained.fit(train, initial_epoch=first, epochs=stage.epochs, steps_per_epoch=steps,
                             validation_data=val, callbacks=callbacks, verbose=self.verbose,
                             validation_steps=eval_spec.steps_per_epoch if val else None)
         if history.epoch and not math.isfinite(history.history["loss"][-1]):
@@ -495,6 +539,16 @@ class Trainer:
         results = model.evaluate(self._one_hot(eval_spec), verbose=0, return_dict=True)
         final_model = os.path.join(self.write_dir, "model.keras")
         save_model_atomic(model, final_model)
+        teacher = {}
+        if recipe.teacher is not None and self.teacher_path:
+            teacher_model = self._teacher(self.teacher_path, eval_spec)
+            with self.strategy.scope():
+                compile_for_stage(teacher_model, steps_per_execution=1)
+            scores = teacher_model.evaluate(self._one_hot(eval_spec), verbose=0, return_dict=True)
+            teacher = {"teacher": recipe.teacher, "teacher_model": self.teacher_path,
+                       "teacher_top1": float(scores["top1"]), "teacher_top5": float(scores["top5"]),
+                       "distill_weight": recipe.distill_weight,
+                       "teacher_input": recipe.teacher_input}
         summary = {
             "recipe": recipe.name,
             "config": recipe.to_dict(),
@@ -506,6 +560,7 @@ class Trainer:
             "top1": float(results["top1"]),
             "top5": float(results["top5"]),
             "test_loss": float(results["loss"]),
+            **teacher,
             "wall_time_seconds": round(wall, 2),
             "train_images_per_second": (round(train_images / train_seconds, 1)
                                         if train_seconds else None),
@@ -521,7 +576,8 @@ class Trainer:
             "command": " ".join(sys.argv),
         }
         self._say(f"Test top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  "
-                  f"({eval_spec.num_examples} images)")
+                  f"({eval_spec.num_examples} images)"
+                  + (f"; teacher top-1 {teacher['teacher_top1']:.4f}" if teacher else ""))
         from bireal_tf.recipes.reports import plot_curves
 
         if self.rows:

@@ -1,6 +1,6 @@
 """Training recipes: small dataclasses of hyper-parameters and the stages they run.
 
-Two families, with the authors' numbers (DESIGN.md, "Recipes"):
+Three families, with the authors' numbers (DESIGN.md, "Recipes"):
 
 * `rNN_adam`: Adam from scratch, as the authors' 2019 PyTorch code. lr 0.001 at
   batch 512 (R50: 0.0005 at 256), decayed linearly to 0 over 256 epochs, no
@@ -9,6 +9,17 @@ Two families, with the authors' numbers (DESIGN.md, "Recipes"):
   ReLU, finetuned with leaky-clip, then with clip; its weights initialize the
   binary network (SGD, momentum 0.9, no weight decay); last, the weights are
   fixed to +-1 (no scale) and only BatchNorm is retrained for one epoch.
+
+* `rNN_react` (18 and 34): ReActNet's two steps on the Bi-Real structure with its block
+  (Liu et al., ECCV 2020; their resnet/1_step1 and 2_step2 train.py and run.sh). Step 1:
+  binary activations, real-valued weights, weight decay 1e-5 on the conv kernels; step 2:
+  binary weights, no weight decay, starting from step 1's network. Both: Adam, lr 2.5e-3 at
+  batch 512, 128 epochs, linear decay to 0, and the loss is distillation from a real-valued
+  teacher (no labels). Their teacher was torchvision's ResNet-34; ours defaults to the
+  network's real-valued twin, trained first in the same run (`teacher="twin"`), and takes any
+  Keras classifier file instead (`with_teacher(PATH)`, `--teacher PATH`).
+
+Every recipe can distill (bireal_tf.recipes.distill): `with_teacher(PATH or "twin")`.
 
 The paper does not give the real-valued stages' schedule. Ours: ReLU as the
 standard ResNet ImageNet recipe (SGD 0.1 at batch 256, momentum 0.9, weight
@@ -32,6 +43,11 @@ SMALL_IMAGE_MAX_SIZE = 64
 SMALL_IMAGE_ADAM_LR, SMALL_IMAGE_ADAM_BATCH = 0.004, 128  # measured here, DESIGN.md
 SCHEDULES = ("linear", "step", "constant")
 STAGE_KINDS = ("relu", "leaky_clip", "clip", "binary", "bn_retrain")
+WEIGHT_DECAY_MODES = ("decoupled", "conv_l2")
+BLOCKS = ("bireal", "react")
+TWIN = "twin"  # the teacher that is the network's real-valued twin, trained by the run
+# How a teacher expects its input images (bireal_tf.recipes.distill.TeacherInput).
+TEACHER_INPUTS = ("ours", "pixels", "caffe", "tf", "torch")
 
 
 @dataclass(frozen=True)
@@ -46,11 +62,19 @@ class Stage:
     schedule: str = "linear"  # linear decay to 0, step (x0.1 at milestones), constant
     milestones: tuple = ()  # epochs (may be fractional) at which a step schedule multiplies lr by 0.1
     momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0  # decoupled, as Keras' optimizers apply it
+    weight_decay: float = 0.0  # how it applies: weight_decay_mode
+    # "decoupled": Keras' optimizer weight_decay, W -= lr * wd * W after each step, on every
+    # weight. "conv_l2": coupled L2 on the conv kernels only, (wd / 2) * sum(W**2) added to
+    # the loss, so wd * W joins the gradient before Adam's moments, exactly as torch's
+    # Adam(weight_decay=wd) on ReActNet's conv parameters (see `conv_l2_loss`).
+    weight_decay_mode: str = "decoupled"
     label_smoothing: float = 0.0
     augmentation: str = "adam"  # adam / paper / none
     kernel_quantizer: str = "magnitude_aware"  # magnitude_aware / sign (+-1, no scale)
+    binary_weights: bool = True  # False: binary activations, real weights (ReActNet's step 1)
     train_only_batchnorm: bool = False  # the BatchNorm-retrain stage
+    teaches: bool = False  # its trained model is the teacher of the stages after it
+    initializes_next: bool = True  # the next stage starts from its weights (not a twin's)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -59,6 +83,9 @@ class Stage:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, "
+                             f"got {self.weight_decay_mode!r}.")
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,24 @@ class Recipe:
     seed: int = 0
     steps_per_epoch: int | None = None  # None: a full pass over the training split
     description: str = ""
+    block: str = "bireal"  # the network's block: Bi-Real's, or ReActNet's ("react")
+    # Distillation (bireal_tf.recipes.distill). teacher: None, "twin" (a stage of the run
+    # trains it; set through with_teacher) or the path of a Keras classifier file.
+    teacher: str | None = None
+    distill_weight: float = 1.0  # loss = w * CE(teacher, student) + (1 - w) * CE(labels, student)
+    teacher_input: str = "ours"  # how the teacher expects its images: TEACHER_INPUTS
+
+    def __post_init__(self):
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}.")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}.")
+        if self.teacher_input not in TEACHER_INPUTS:
+            raise ValueError(f"teacher_input must be one of {TEACHER_INPUTS}, "
+                             f"got {self.teacher_input!r}.")
+        if (self.teacher == TWIN) != any(s.teaches for s in self.stages):
+            raise ValueError("teacher='twin' goes with a stage that trains the twin (and only "
+                             "then): set it through recipe.with_teacher('twin').")
 
     def scaled_lr(self, stage):
         return stage.lr * self.batch_size / self.base_batch_size
@@ -113,6 +158,10 @@ class Recipe:
         - no augmentation: random crops of centred 28 px garments cost accuracy;
         - binary convs pad with +1 (pad_values=1.0): LCE computes zero padding wrongly
           on feature maps smaller than the kernel, which inputs below 65 px have.
+
+        ReActNet's recipes are Adam throughout, so both steps (and a twin) take the same lr
+        as r18_adam; step 1 keeps its conv-kernel L2 and step 2 none, and a teacher given
+        for such a run must take the same small images (`distill.load_teacher` checks).
 
         On ImageNet-sized data the recipe is returned unchanged. Apply user overrides
         after this, so they win.
@@ -160,6 +209,9 @@ class Recipe:
         unknown = set(overrides) - stage_fields - recipe_fields
         if unknown:
             raise ValueError(f"Unknown recipe fields {sorted(unknown)}.")
+        teacher = overrides.pop("teacher", None)
+        if teacher is not None:  # after the other overrides: a twin copies the stage they made
+            return self.with_overrides(stage, **overrides).with_teacher(teacher)
         for_stages = {k: v for k, v in overrides.items() if k in stage_fields and v is not None}
         for_recipe = {k: v for k, v in overrides.items() if k in recipe_fields and v is not None}
         if stage is not None:
@@ -177,6 +229,34 @@ class Recipe:
                 s = replace(s, augmentation=for_stages["augmentation"])
             stages.append(s)
         return replace(self, stages=tuple(stages), **for_recipe)
+
+
+    def with_teacher(self, teacher):
+        """A copy that distills from `teacher`: a Keras classifier file, "twin", or None/"none".
+
+        Every stage distills from the teacher except the one that trains it. "twin" is the
+        same network, real-valued with ReLU (activation="relu", block kept): where the first
+        stage is already that network (the paper pipeline's relu stage), it is the twin and
+        the stages after it distill from its model; otherwise a stage "twin" runs first, with
+        the first stage's hyper-parameters, trained on the labels. Its model teaches and does
+        not initialise the next stage, so the student still starts as its recipe says.
+        """
+        if teacher in (None, "none"):
+            teacher = None
+        stages = [replace(s, teaches=False) for s in self.stages if not s.name == TWIN]
+        if teacher == TWIN:
+            first = stages[0]
+            if first.activation == "relu":
+                stages[0] = replace(first, teaches=True)
+            else:
+                twin = replace(first, name=TWIN, activation="relu", binary_weights=True,
+                               teaches=True, initializes_next=False)
+                stages.insert(0, twin)
+        return replace(self, stages=tuple(stages), teacher=teacher)
+
+    def distills(self, stage):
+        """Whether `stage` learns from the run's teacher."""
+        return self.teacher is not None and not stage.teaches
 
 
 def learning_rate_schedule(recipe, stage, steps_per_epoch):
@@ -204,12 +284,38 @@ def learning_rate_schedule(recipe, stage, steps_per_epoch):
 
 
 def make_optimizer(recipe, stage, steps_per_epoch):
-    """The stage's optimizer with its schedule, the lr scaled to the batch size."""
+    """The stage's optimizer with its schedule, the lr scaled to the batch size.
+
+    The optimizer's own (decoupled) weight decay only with weight_decay_mode "decoupled";
+    "conv_l2" is a loss term (`conv_l2_loss`)."""
     schedule = learning_rate_schedule(recipe, stage, steps_per_epoch)
-    decay = stage.weight_decay or None
+    decay = (stage.weight_decay if stage.weight_decay_mode == "decoupled" else 0.0) or None
     if stage.optimizer == "sgd":
         return tf.keras.optimizers.SGD(schedule, momentum=stage.momentum, weight_decay=decay)
     return tf.keras.optimizers.Adam(schedule, weight_decay=decay)
+
+
+def conv_l2_loss(model, weight_decay):
+    """(wd / 2) * sum of W**2 over the conv kernels of `model` (its 4-D trainable weights).
+
+    ReActNet's step 1 gives torch's Adam `weight_decay=1e-5` for the parameters with 4
+    dimensions or "conv" in their name: the conv kernels, and nothing else (not BatchNorm,
+    the shifts, PReLU or the classifier). torch's Adam adds wd * W to the gradient before
+    its moment estimates (coupled L2), which is the gradient of this term. Keras' Adam
+    `weight_decay` is decoupled (AdamW: W -= lr * wd * W after the step); at lr 2.5e-3 and
+    1e-5 it would shrink a weight by well under 1% over the 128 epochs, a different and
+    much weaker regulariser, so the recipe uses this term. A zero-argument callable for
+    `model.add_loss`; Larq's quantized kernels count with their latent real values.
+    """
+    kernels = [getattr(w, "latent_variable", w) for w in model.trainable_weights
+               if w.shape.rank == 4]
+    if not kernels:
+        raise ValueError(f"{model.name} has no conv kernels to decay.")
+
+    def loss():
+        return 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
+
+    return loss
 
 
 # --- the recipes -----------------------------------------------------------------------
@@ -269,6 +375,25 @@ def _paper_recipe(depth, binary_epochs, binary_lr, binary_milestones, batch):
     )  # fmt: skip
 
 
+def _react_recipe(depth):
+    adam = dict(epochs=128, optimizer="adam", lr=2.5e-3, schedule="linear", augmentation="adam")
+    recipe = Recipe(
+        name=f"r{depth}_react",
+        depth=depth,
+        block="react",
+        batch_size=512,
+        base_batch_size=512,
+        description=(f"ReAct-ResNet-{depth}: Bi-Real-{depth} with ReActNet's block, two steps "
+                     "distilled from a real-valued teacher (default: the twin)"),
+        stages=(
+            Stage("step1", "binary", binary_weights=False, weight_decay=1e-5,
+                  weight_decay_mode="conv_l2", **adam),
+            Stage("step2", "binary", weight_decay=0.0, **adam),
+        ),
+    )
+    return recipe.with_teacher(TWIN)
+
+
 RECIPES = {
     r.name: r
     for r in (
@@ -277,6 +402,8 @@ RECIPES = {
         _adam_recipe(50, lr=5e-4, batch=256),
         _paper_recipe(18, 20, 0.01, (10, 15), batch=128),
         _paper_recipe(34, 40, 0.08, (20, 30), batch=1024),
+        _react_recipe(18),
+        _react_recipe(34),
     )
 }
 
@@ -291,6 +418,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "Stage",
+    "conv_l2_loss",
     "get_recipe",
     "learning_rate_schedule",
     "make_optimizer",

@@ -6,6 +6,7 @@ Examples:
     python -m bireal_tf.recipes.train r18_adam --data-dir ~/tensorflow_datasets
     python -m bireal_tf.recipes.train r18_paper --dataset folder --data-dir /data/imagenet
     python -m bireal_tf.recipes.train r18_adam --demo          # what `make demo` runs
+    python -m bireal_tf.recipes.train r18_react --teacher resnet50.keras --teacher-input caffe
 
 Rerunning the same command resumes the run in its output directory.
 """
@@ -57,12 +58,33 @@ def parse_args(argv):
     hp.add_argument("--weight-decay", type=float)
     hp.add_argument("--label-smoothing", type=float)
     hp.add_argument("--augmentation", choices=("adam", "paper", "none"))
+    hp.add_argument("--activation", choices=("binary", "relu", "leaky_clip", "clip"),
+                    help="the network variant every stage trains: relu trains the recipe's "
+                         "real-valued twin (e.g. a teacher for --teacher PATH)")
     hp.add_argument("--steps-per-epoch", type=int)
     hp.add_argument("--seed", type=int)
     hp.add_argument("--padding", choices=("same", "symmetric"))
     hp.add_argument("--pad-values", type=float, choices=(0.0, 1.0),
                     help="what binary convs pad with: 0 (the authors) or 1 (LCE's fast kernels; "
                          "needed for a correct .tflite below 65x65 inputs)")
+    kd = p.add_argument_group(
+        "distillation", "loss = W * CE(teacher's softmax, student) + (1 - W) * CE(labels, student), "
+        "the teacher in inference mode on the same augmented batch; the label term takes the "
+        "stage's label smoothing, the teacher's none. Top-1/top-5 and val_loss compare the "
+        "student with the labels.")
+    kd.add_argument("--teacher", metavar="PATH|twin|none",
+                    help="PATH: a Keras classifier file (.keras, .h5, SavedModel) of the same "
+                         "classes and input size; twin: train the network's real-valued twin "
+                         "(ReLU) first, as stage 'twin' of this run, and distil from it; none: "
+                         "train on the labels. Default: none; r18_react/r34_react: twin")
+    kd.add_argument("--distill-weight", type=float, metavar="W",
+                    help="W in [0, 1] in the loss above (default 1: the teacher only, no labels, "
+                         "ReActNet's distribution loss; 0: labels only)")
+    kd.add_argument("--teacher-input", choices=("ours", "pixels", "caffe", "tf", "torch"),
+                    help="the input convention of a --teacher PATH: ours (default: images as "
+                         "this pipeline normalises them, e.g. our own models), pixels (RGB "
+                         "0-255), or the Keras Applications preprocess_input mode (caffe: "
+                         "ResNet50/101/152, tf: ResNet50V2/MobileNet, torch: DenseNet)")
     run = p.add_argument_group("run")
     run.add_argument("--stage", help="start at this stage (the stages before it are skipped)")
     run.add_argument("--init-weights",
@@ -130,6 +152,10 @@ def build_recipe(args):
         weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
         augmentation=args.augmentation,
+        activation=args.activation,
+        teacher=args.teacher,
+        distill_weight=args.distill_weight,
+        teacher_input=args.teacher_input,
     )
     return recipe, fitted
 
@@ -154,7 +180,8 @@ def main(argv=None):
     if args.list:
         for name, r in RECIPES.items():
             stages = " -> ".join(f"{s.name}({s.epochs})" for s in r.stages)
-            print(f"{name:10s} {r.description}; batch {r.batch_size}; stages {stages}")
+            print(f"{name:10s} {r.description}; batch {r.batch_size}; stages {stages}"
+                  + (f"; teacher {r.teacher}" if r.teacher else ""))
         return 0
     try:
         recipe, fitted = build_recipe(args)
