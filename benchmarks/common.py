@@ -124,6 +124,16 @@ def round_robin(cases: Dict[str, Callable[[], float]], repeats: int, warmup: int
     return out
 
 
+def latency_case(predict: Callable, x) -> Callable[[], float]:
+    """A round_robin case: one call of `predict(x)`, in milliseconds."""
+    def run() -> float:
+        start = time.perf_counter()
+        predict(x)
+        return (time.perf_counter() - start) * 1000.0
+
+    return run
+
+
 def log(message: str):
     print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 

@@ -13,11 +13,10 @@ latency (x86-64) at 1 and 2 threads against the float twin under XNNPACK.
 """
 import os
 import tempfile
-import time
 
 import numpy as np
 
-from benchmarks.common import Timer, f1, log, round_robin, summarize, table, times
+from benchmarks.common import Timer, f1, latency_case, log, round_robin, summarize, table, times
 
 TITLE = "Export (LCE) and host latency"
 TARGET = ".tflite size within 5% of its floor (ratio <= 1.05)"
@@ -30,14 +29,6 @@ METHOD = ("binary: bireal_tf.export.export_tflite (LCE converter, binary-conv an
           "process holds one, a thread pool waits for its descheduled worker at every op and 2 "
           "threads can be far slower than 1 (see the load average)")
 
-
-def _latency_case(predict, x):
-    def run() -> float:
-        start = time.perf_counter()
-        predict(x)
-        return (time.perf_counter() - start) * 1000.0
-
-    return run
 
 
 def _tflite_predict(flatbuffer: bytes, threads: int):
@@ -92,9 +83,9 @@ def export_one(depth: int, settings, workdir: str) -> dict:
     tf.keras.backend.clear_session()
 
     x = np.random.default_rng(depth).standard_normal((1, size, size, 3), dtype=np.float32)
-    cases = {f"lce_{t}t": _latency_case(lce_testing.Interpreter(binary, num_threads=t).predict, x)
+    cases = {f"lce_{t}t": latency_case(lce_testing.Interpreter(binary, num_threads=t).predict, x)
              for t in (1, 2)}
-    cases.update({f"float_{t}t": _latency_case(_tflite_predict(float_fb, t), x) for t in (1, 2)})
+    cases.update({f"float_{t}t": latency_case(_tflite_predict(float_fb, t), x) for t in (1, 2)})
     samples = round_robin(cases, settings.latency_repeats, 1, log_each=False)
     row["latency_ms"] = lat = {k: summarize(v) for k, v in samples.items()}
     row["latency_repeats"] = settings.latency_repeats

@@ -13,11 +13,10 @@ file sizes and host latency of Bi-Real 18/34/50 at 1 and 2 threads.
   on stock LiteRT (ai_edge_litert, default XNNPACK delegate), the LCE file on LCE's
   interpreter; all six cases round robin in one process after a warm-up round.
 """
-import time
 
 import numpy as np
 
-from benchmarks.common import f1, log, round_robin, summarize, table, times
+from benchmarks.common import f1, latency_case, log, round_robin, summarize, table, times
 
 TITLE = "Portable export (stock LiteRT) against LCE and the float twin"
 TARGET = "portable file <= 0.3x the float twin's size"
@@ -25,14 +24,6 @@ HOST_NOTE = ("Host latency (x86-64). LCE runs portable kernels here, while its o
              "are for 64-bit ARM; LiteRT runs XNNPACK. Not device latency.")
 CASES = ("portable", "lce", "float")
 
-
-def _case(predict, x):
-    def run() -> float:
-        start = time.perf_counter()
-        predict(x)
-        return (time.perf_counter() - start) * 1000.0
-
-    return run
 
 
 def export_one(depth: int, settings) -> dict:
@@ -68,9 +59,9 @@ def export_one(depth: int, settings) -> dict:
     x = x[:1]
     cases = {}
     for t in (1, 2):
-        cases[f"portable_{t}t"] = _case(LiteRTRunner(files["portable"], num_threads=t).predict, x)
-        cases[f"lce_{t}t"] = _case(TFLiteRunner(files["lce"], num_threads=t).predict, x)
-        cases[f"float_{t}t"] = _case(LiteRTRunner(files["float"], num_threads=t).predict, x)
+        cases[f"portable_{t}t"] = latency_case(LiteRTRunner(files["portable"], num_threads=t).predict, x)
+        cases[f"lce_{t}t"] = latency_case(TFLiteRunner(files["lce"], num_threads=t).predict, x)
+        cases[f"float_{t}t"] = latency_case(LiteRTRunner(files["float"], num_threads=t).predict, x)
     samples = round_robin(cases, settings.latency_repeats, 1, log_each=False)
     row["latency_ms"] = lat = {k: summarize(v) for k, v in samples.items()}
     row["latency_repeats"] = settings.latency_repeats
@@ -108,18 +99,17 @@ def markdown(r: dict) -> str:
                for m in r["models"] for t in (1, 2)]
     ops = "; ".join(f"Bi-Real-{m['depth']}: " + ", ".join(f"{k} {v}" for k, v in m["op_histogram"].items())
                     for m in r["models"])
-    return "\n\n".join([
-        f"**{HOST_NOTE}**",
-        __doc__.split("\n\n", 1)[1].strip(),
-        f"Target: {TARGET}.",
-        table(["network", "input", "portable MiB", "LCE MiB", "float twin MiB", "portable/float",
-               "target <= 0.3", "portable/LCE", "max diff vs Keras portable / LCE (2 inputs)",
-               "top-1 = LCE file", "portable conversion s", "LCE conversion s"], sizes),
-        f"Ops of the portable files (no custom op): {ops}.",
-        "Host latency (x86-64), ms per single-image inference, median of the repeats:",
-        table(["network", "threads", "portable (LiteRT)", "LCE (LCE interpreter)",
-               "float twin (LiteRT)", "portable/LCE", "portable/float", "repeats"], latency),
-    ])
+    size_table = table(["network", "input", "portable MiB", "LCE MiB", "float twin MiB", "portable/float",
+                        "target <= 0.3", "portable/LCE", "max diff vs Keras portable / LCE (2 inputs)",
+                        "top-1 = LCE file", "portable conversion s", "LCE conversion s"], sizes)
+    latency_table = table(["network", "threads", "portable (LiteRT)", "LCE (LCE interpreter)",
+                           "float twin (LiteRT)", "portable/LCE", "portable/float", "repeats"], latency)
+    method = __doc__.split("\n\n", 1)[1].strip()
+    parts = [f"**{HOST_NOTE}**", method, f"Target: {TARGET}.", size_table,
+             f"Ops of the portable files (no custom op): {ops}.",
+             "Host latency (x86-64), ms per single-image inference, median of the repeats:",
+             latency_table]
+    return "\n\n".join(parts)
 
 
 def findings(r: dict) -> list:

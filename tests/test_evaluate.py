@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from bireal_tf.data import load_dataset
 from bireal_tf.evaluate import EvaluationError, evaluate
-from bireal_tf.export import ModelFileError, export_tflite
+from bireal_tf.export import ModelFileError
 from bireal_tf.models import BiRealNet18
 
 REPO = Path(__file__).resolve().parents[1]

@@ -43,6 +43,7 @@ import larq as lq
 import tensorflow as tf
 
 from bireal_tf.models.precision import float32_config
+from bireal_tf.utils import quiet_larq
 
 __all__ = ["FakeQuant", "Int8Kernel", "SUFFIX", "fake_quant_layers", "int8_model"]
 
@@ -234,8 +235,9 @@ def int8_model(model, momentum: float = 0.99, pad_with_ones: bool = False) -> tf
             fq.update(name=mapping[name], inbound_nodes=[[[name, 0, 0, {}]]])
             layers.append(fq)
     config = dict(config, layers=layers, output_layers=_rename(config["output_layers"], mapping))
-    new = model.__class__.from_config(config, custom_objects={
-        "QuantConv2D": lq.layers.QuantConv2D, "QuantDense": lq.layers.QuantDense})
+    with quiet_larq():  # Bi-Real's binary kernels are unconstrained on purpose
+        new = model.__class__.from_config(config, custom_objects={
+            "QuantConv2D": lq.layers.QuantConv2D, "QuantDense": lq.layers.QuantDense})
     for layer in model.layers:
         new.get_layer(layer.name).set_weights(layer.get_weights())
     return new

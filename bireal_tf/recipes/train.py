@@ -123,6 +123,13 @@ def parse_args(argv):
     return args
 
 
+# Command-line options that override recipe or stage fields of the same name (None: keep).
+CLI_OVERRIDES = ("dataset", "batch_size", "image_size", "steps_per_epoch", "seed", "padding",
+                 "pad_values", "epochs", "optimizer", "schedule", "weight_decay",
+                 "label_smoothing", "augmentation", "activation", "teacher", "distill_weight",
+                 "teacher_input")
+
+
 def build_recipe(args):
     from bireal_tf.recipes.recipe import get_recipe
 
@@ -136,27 +143,8 @@ def build_recipe(args):
     lr = None
     if args.lr is not None:  # given at the batch used: undo the linear scaling
         lr = args.lr * recipe.base_batch_size / batch
-    recipe = recipe.with_overrides(
-        stage=None,
-        dataset=args.dataset,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        steps_per_epoch=args.steps_per_epoch,
-        seed=args.seed,
-        padding=args.padding,
-        pad_values=args.pad_values,
-        epochs=args.epochs,
-        lr=lr,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        augmentation=args.augmentation,
-        activation=args.activation,
-        teacher=args.teacher,
-        distill_weight=args.distill_weight,
-        teacher_input=args.teacher_input,
-    )
+    given = {name: getattr(args, name) for name in CLI_OVERRIDES}
+    recipe = recipe.with_overrides(stage=None, lr=lr, **given)
     return recipe, fitted
 
 
