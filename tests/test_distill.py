@@ -95,6 +95,7 @@ def test_loss_is_the_cross_entropy_of_the_student_logits_against_the_teacher(
     assert abs(expected - label_only) > 1e-3 * expected  # 100x the tolerance above
 
 
+@pytest.mark.slow  # a 16-step distilled run: ~45 s
 def test_a_run_with_a_teacher_learns_the_teachers_answer_not_the_labels(tmp_path):
     """The teacher says class 3 for every image; a few steps of r18_adam distilled from it
     make the student say 3 for most test images. The labels are balanced over 10 classes,

@@ -446,6 +446,7 @@ def test_cli_exports_a_saved_h5_model_and_writes_the_report(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.h5", "model.tflite", "report.json"]
 
 
+@pytest.mark.slow  # two CLI conversions: ~30 s
 def test_cli_refuses_with_exit_code_1_and_allow_mismatch_exports(tmp_path):
     """README: the export refuses with the reason (exit code 1) and writes nothing."""
     tiny_binary_model(size=2, pad_values=0.0, name="small").save(tmp_path / "small.keras")

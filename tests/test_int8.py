@@ -42,6 +42,7 @@ def qat_model(tmp_path_factory):
     return model, qmodel, path
 
 
+@pytest.mark.slow  # uses the fake-quant finetune fixture (~40 s)
 def test_int8_model_keeps_layers_and_weights(qat_model):
     model, qmodel, path = qat_model
     fresh = bireal_net(18, input_shape=(SIZE, SIZE, 3), num_classes=4, pad_values=1.0)
@@ -72,6 +73,7 @@ def test_int8_model_keeps_layers_and_weights(qat_model):
     assert all(r != (-6.0, 6.0) for r in ranges)
 
 
+@pytest.mark.slow  # int8 LCE conversion of R18: ~1.5 min
 def test_qat_model_exports_int8_with_every_binary_conv_binary(qat_model, tmp_path):
     _, _, path = qat_model
     x, _ = _data(32, seed=1)

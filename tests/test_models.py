@@ -20,6 +20,7 @@ from bireal_tf.models import (
     binary_conv_layers,
     bireal_net,
 )
+from bireal_tf.export.convert import convert
 from tests.lce_utils import op_histogram
 
 BINARY_CONVS = {18: 16, 34: 32, 50: 47}
@@ -91,7 +92,7 @@ def test_parameter_counts(depth, expected):
 # --- structure ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50])
+@pytest.mark.parametrize("depth", [18, 34, pytest.param(50, marks=pytest.mark.slow)])
 def test_output_shapes_and_binary_convs(depth):
     model = bireal_net(depth, input_shape=(64, 48, 3), num_classes=7)
     assert model.output_shape == (None, 7)
@@ -273,8 +274,11 @@ def test_padding_layers_serialize():
 
 @pytest.mark.parametrize(
     "fmt, depth, padding",
-    [("keras", 18, "symmetric"), ("h5", 18, "symmetric"), ("savedmodel", 18, "symmetric"),
-     ("keras", 50, "same"), ("h5", 50, "same")],
+    [("keras", 18, "symmetric"), ("h5", 18, "symmetric"),
+     # SavedModel tracing (~1 min) and the 50-layer net: the slow suite
+     pytest.param("savedmodel", 18, "symmetric", marks=pytest.mark.slow),
+     pytest.param("keras", 50, "same", marks=pytest.mark.slow),
+     pytest.param("h5", 50, "same", marks=pytest.mark.slow)],
 )
 def test_save_and_load(tmp_path, fmt, depth, padding):
     model = bireal_net(depth, input_shape=SMALL, num_classes=4, padding=padding,
@@ -301,20 +305,22 @@ def test_save_and_load(tmp_path, fmt, depth, padding):
 
 @pytest.mark.parametrize(
     "depth, padding",
-    [(18, "same"), (18, "symmetric"),
+    [pytest.param(18, "same", marks=pytest.mark.slow),  # test_export's R18 proves it fast
+     (18, "symmetric"),
      pytest.param(34, "same", marks=pytest.mark.slow),
      pytest.param(50, "same", marks=pytest.mark.slow),
      pytest.param(50, "symmetric", marks=pytest.mark.slow)],
 )
 def test_lce_makes_every_binary_conv_binary(depth, padding):
     model = bireal_net(depth, input_shape=(64, 64, 3), num_classes=10, padding=padding)
-    ops = op_histogram(lce.convert_keras_model(model))
+    ops = op_histogram(convert(model)[0])  # LCE's converter (as lce.convert_keras_model, faster)
     assert ops["LceBconv2d"] == BINARY_CONVS[depth]
     assert ops["LceDequantize"] == 0
     if padding == "symmetric":
         assert ops["STRIDED_SLICE"] == 3
 
 
+@pytest.mark.slow  # an R18 LCE conversion: ~35 s
 def test_lce_guard_can_fail():
     """A quantizer LCE cannot match must leave float convs: the guard above can fail."""
     model = BiRealNet18(input_shape=(64, 64, 3), num_classes=10,

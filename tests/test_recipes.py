@@ -230,6 +230,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             assert np.isfinite(value).all(), name
 
 
+@pytest.mark.slow  # a run and two conversions: ~1 min
 def test_bfloat16_run_trains_saves_and_exports_and_leaves_the_policy_as_it_was(tmp_path):
     from bireal_tf.export import export_tflite
 
@@ -248,6 +249,7 @@ def test_bfloat16_run_trains_saves_and_exports_and_leaves_the_policy_as_it_was(t
     assert report.parity.ok
 
 
+@pytest.mark.slow  # two training runs: ~1 min
 def test_steps_per_execution_runs_the_same_steps(tmp_path):
     """Several steps per call of the train function: the same weights as one step per call.
 

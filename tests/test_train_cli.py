@@ -157,6 +157,7 @@ def test_killed_run_resumes_after_its_last_checkpoint(tmp_path):
 # --- the README's options --------------------------------------------------------------
 
 
+@pytest.mark.slow  # two CLI runs: ~30 s
 def test_overwrite_is_needed_to_replace_another_run_or_use_a_foreign_dir(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
@@ -191,6 +192,7 @@ def latent_trainable(model):
             for layer in model.layers for i, w in enumerate(layer.trainable_weights)}
 
 
+@pytest.mark.slow  # two paper-pipeline stages through the CLI: ~2 min
 def test_stage_with_init_weights_skips_earlier_stages_and_starts_from_the_file(tmp_path):
     """`--stage binary --init-weights clip.keras`: the paper's hand-over from the clip network.
 
@@ -219,6 +221,7 @@ def test_stage_with_init_weights_skips_earlier_stages_and_starts_from_the_file(t
         np.testing.assert_array_equal(w, start[name], err_msg=name)
 
 
+@pytest.mark.slow  # a CLI run at 40 px with saves: ~1 min
 def test_cli_overrides_reach_the_recipe(tmp_path):
     out = tmp_path / "run"
     assert main(["r18_adam", "--dataset", "fashion_mnist_embedded", "--limit-train", "64",
@@ -272,6 +275,7 @@ def test_export_without_demo_writes_a_verified_tflite(trained_run):
     assert lite["top1_minus_keras_top1"] == pytest.approx(lite["top1"] - summary["top1"])
 
 
+@pytest.mark.slow  # three CLI runs: ~1.5 min
 def test_precision_auto_is_announced_first_and_recorded(tmp_path, capsys):
     # What auto must pick here, read independently of the package from /proc/cpuinfo:
     # bfloat16 above 64 px on a CPU with bfloat16 instructions, float32 at 32 px.

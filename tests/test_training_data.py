@@ -29,6 +29,7 @@ def _jpeg_tree(root, classes=3, per_class=6):
                 (d / f"img{i}.JPEG").write_bytes(tf.io.encode_jpeg(image).numpy())
 
 
+@pytest.mark.slow  # a two-epoch run: ~40 s
 def test_an_epochs_data_are_not_rebuilt(tmp_path, monkeypatch):
     """Folder listing and header reads happen once per split and stage, not once per epoch."""
     _jpeg_tree(tmp_path / "tree")
@@ -55,6 +56,7 @@ def test_an_epochs_data_are_not_rebuilt(tmp_path, monkeypatch):
     assert np.isfinite(summary["test_loss"])
 
 
+@pytest.mark.slow  # a resumed run on top of the shared one: ~35 s
 def test_resume_falls_back_past_a_damaged_checkpoint(trained_run, tmp_path, capfd):
     """The shared trained run (tests/conftest.py), as if killed while writing its last
     checkpoint: the rerun of its command warns, resumes from the checkpoint before and
