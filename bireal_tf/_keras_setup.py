@@ -11,7 +11,9 @@ not `tf_keras`, Keras 2's new name, so every trace (fit, evaluate, LCE conversio
 transpiles Keras' own layers, metrics and optimizers from source. Keras 2 was never
 converted before (TF <= 2.15), and its code does not rely on it; our own and Larq's
 layer `call`s are still converted, as Keras asks. Measured here: building a
-Bi-Real-18 and its first fit took 2.3-2.7x less time (BENCHMARKS.md, "Tracing").
+Bi-Real-18 and its first fit took 2.3-2.7x less time (three paired runs on a loaded
+machine: 352 vs 152 s, 353 vs 129 s, 1007 vs 349 s; `python -m benchmarks.tracing`
+repeats the comparison).
 `BIREAL_TF_CONVERT_KERAS=1` keeps TensorFlow's default (for that benchmark, or if a
 Keras release ever needs it).
 
