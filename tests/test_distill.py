@@ -64,7 +64,9 @@ STUDENTS = {
 
 
 @pytest.mark.parametrize("student_kind, teacher_ends_in, weight, smoothing",
-                         [("bireal18_react", "softmax", 1.0, 0.1), ("small", "linear", 0.3, 0.1)])
+                         [pytest.param("bireal18_react", "softmax", 1.0, 0.1,
+                                       marks=pytest.mark.slow),  # ~25 s; the small net is fast
+                          ("small", "linear", 0.3, 0.1)])
 def test_loss_is_the_cross_entropy_of_the_student_logits_against_the_teacher(
         tmp_path, student_kind, teacher_ends_in, weight, smoothing):
     """L = mean_n -sum_c [w softmax(z_T) + (1 - w) smooth(y)]_c log_softmax(z_S)_c, computed

@@ -150,7 +150,7 @@ def test_truncated_checkpoint_is_named(tmp_path):
 
 # --- the mapping, from NumPy state dicts with the authors' names -------------------------------
 
-@pytest.mark.parametrize("depth", [18, 34, 50])
+@pytest.mark.parametrize("depth", [18, 34, pytest.param(50, marks=pytest.mark.slow)])  # 50: ~10 s
 def test_each_tensor_lands_in_its_layer_in_its_layout(depth):
     state = random_state(depth, num_classes=7, seed=depth)
     model = from_pytorch(authors_wrapper(state), depth, input_shape=(64, 64, 3))

@@ -92,7 +92,8 @@ def test_parameter_counts(depth, expected):
 # --- structure ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [18, 34, pytest.param(50, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("depth", [18, pytest.param(34, marks=pytest.mark.slow),
+                                   pytest.param(50, marks=pytest.mark.slow)])
 def test_output_shapes_and_binary_convs(depth):
     model = bireal_net(depth, input_shape=(64, 48, 3), num_classes=7)
     assert model.output_shape == (None, 7)
@@ -126,7 +127,7 @@ def test_layer_names_follow_the_reference():
     assert "layers_0_down_conv1x1" not in names50  # unused in the reference's forward
 
 
-@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("depth", [18, pytest.param(50, marks=pytest.mark.slow)])  # 50: ~10 s each
 @pytest.mark.parametrize("activation", ["relu", "leaky_clip", "clip"])
 def test_real_variants_have_no_quantizer_and_share_weights(depth, activation):
     binary = bireal_net(depth, input_shape=SMALL, num_classes=5)
@@ -209,7 +210,7 @@ def _apply(model, names, x):
     return np.asarray(x, np.float64)
 
 
-@pytest.mark.parametrize("size", [32, 34])
+@pytest.mark.parametrize("size", [32, pytest.param(34, marks=pytest.mark.slow)])  # odd sizes: slow suite
 def test_symmetric_stride2_layers_equal_pytorch_arithmetic(size):
     rng = np.random.default_rng(3)
     tf.keras.utils.set_random_seed(3)
@@ -306,7 +307,8 @@ def test_save_and_load(tmp_path, fmt, depth, padding):
 @pytest.mark.parametrize(
     "depth, padding",
     [pytest.param(18, "same", marks=pytest.mark.slow),  # test_export's R18 proves it fast
-     (18, "symmetric"),
+     # symmetric padding through LCE is proved fast at 64/65 px by test_react.py
+     pytest.param(18, "symmetric", marks=pytest.mark.slow),
      pytest.param(34, "same", marks=pytest.mark.slow),
      pytest.param(50, "same", marks=pytest.mark.slow),
      pytest.param(50, "symmetric", marks=pytest.mark.slow)],
