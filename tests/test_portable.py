@@ -319,7 +319,7 @@ def test_a_trained_models_portable_file_agrees_with_its_lce_file_on_the_test_set
     model = image_model(seed=1)
     train = load_dataset("fashion_mnist_embedded", "train", batch_size=64, seed=0)
     model.compile(tf.keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", ["accuracy"])
-    model.fit(train.dataset, epochs=2, verbose=0)
+    model.fit(train.dataset, epochs=4, verbose=0)
     report = export_tflite(model, tmp_path / "trained.tflite", target="portable",
                            dataset="fashion_mnist_embedded", latency=None,
                            lce_path=tmp_path / "trained_lce.tflite")
