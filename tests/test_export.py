@@ -433,6 +433,7 @@ def _error_lines(done):
     return [line for line in done.stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow  # a CLI conversion: ~11 s
 def test_cli_exports_a_saved_h5_model_and_writes_the_report(tmp_path):
     tiny_binary_model().save(tmp_path / "model.h5")  # bireal_tf's quantizers, found by name
     done = _cli(tmp_path / "model.h5", "-o", tmp_path / "model.tflite", "--report",

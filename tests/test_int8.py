@@ -101,6 +101,7 @@ def test_qat_model_exports_int8_with_every_binary_conv_binary(qat_model, tmp_pat
     assert set(report.to_dict()["size"]) == documented_keys()["size"]  # ParitySettings().samples of the 32 given
 
 
+@pytest.mark.slow  # a CLI process besides the API: ~15 s
 def test_int8_refuses_a_model_without_fake_quant_with_the_fix(tmp_path):
     model = bireal_net(18, input_shape=(SIZE, SIZE, 3), num_classes=4, pad_values=1.0)
     path = tmp_path / "float.keras"

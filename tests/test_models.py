@@ -334,6 +334,7 @@ def test_lce_guard_can_fail():
 # --- learning and bad input -----------------------------------------------------------
 
 
+@pytest.mark.slow  # 16 steps and two evaluations: ~30 s (the trained_run fixture and the slow runs train too)
 def test_a_few_fit_steps_lower_the_loss():
     from bireal_tf.data import load_dataset
 

@@ -99,6 +99,7 @@ def test_bn_retrain_stage_freezes_convs_and_uses_plus_minus_one_weights():
         np.testing.assert_array_equal(np.abs(kernel), 1.0)
 
 
+@pytest.mark.slow  # a BatchNorm-retrain run: ~11 s
 def test_bn_retrain_starts_from_the_binary_model_it_loads(tmp_path):
     """Loading a magnitude-aware binary model into the +-1 (no scale) retrain model keeps
     its function: BatchNorm's moving statistics are rescaled by 1/mean|W| (and 1/mean|W|^2),
