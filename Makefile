@@ -22,12 +22,12 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# The fast suite (under 6 minutes on 2 cores from a fresh clone, install included; --no-compile
+# The fast suite (6-8 minutes on 2 cores from a fresh clone, install included; --no-compile
 # above: Python compiles only the modules a test imports, 30 s less than compiling all of them).
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=10 -m "not slow" $(PYTEST_ARGS) tests
 
-# The slow tests (about 35 minutes): the demo (and its portable file), kill/resume, distribution, the notebook, the
+# The slow tests (about 40 minutes): the demo (and its portable file), kill/resume, distribution, the notebook, the
 # large nets, runs and conversions of 30 s or more, long fuzzing, the benchmark smoke run. CI runs both.
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=10 -m slow $(PYTEST_ARGS) tests
