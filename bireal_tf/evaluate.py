@@ -72,7 +72,8 @@ def _load(model_or_path, allow_non_lce, num_threads):
     histogram = dict(op_histogram(flatbuffer))
     if is_portable_file(flatbuffer):
         try:
-            return "tflite", LiteRTRunner(flatbuffer, num_threads=num_threads or 1), source, histogram
+            runner = LiteRTRunner(flatbuffer, num_threads=num_threads or 1, source=source)
+            return "tflite", runner, source, histogram
         except (RuntimeError, ValueError) as err:
             raise ModelFileError(f"LiteRT cannot load the portable file '{source}' ({first_line(err)}); "
                                  "it may be corrupt. Export it again with `python -m bireal_tf.export "
