@@ -520,7 +520,7 @@ def test_deep_nets_convert_fully_binary_and_match_keras(depth, tmp_path):
 
 
 def test_conversion_through_the_serving_function_gives_the_flatbuffers_of_keras_conversion():
-    """`save_for_conversion` saves only the serving function: LCE's and TFLite's files are
+    """`saved_for_conversion` saves only the serving function: LCE's and TFLite's files are
     byte for byte those of converting the Keras model itself (which traces far more)."""
     import larq_compute_engine as lce
 

@@ -1,7 +1,7 @@
 """`export_tflite`: convert a Bi-Real Net with LCE, verify the flatbuffer, measure it.
 
-Conversion goes through LCE (`larq_compute_engine.convert_saved_model` of `save_for_conversion`). Then, before
-anything is written:
+Conversion goes through LCE (`larq_compute_engine.convert_saved_model` of
+`saved_for_conversion`). Then, before anything is written:
 
 1. every Keras binary conv (`binary_conv_layers`) must be an `LceBconv2d`; the ones
    that stayed float are named (`checks.float_binary_convs`);
@@ -21,8 +21,10 @@ LiteRT, and compared with the LCE file of the same model. Beside it go the label
 preprocessing (`<file>.tflite.json`) and the predictor (`predict.py`).
 """
 
+import contextlib
 import os
 import platform
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -73,15 +75,18 @@ class LatencySettings:
     warmup: int = 2
 
 
-def save_for_conversion(model, directory):
-    """Save `model`'s inference function as a SavedModel in `directory`, for the converters.
+@contextlib.contextmanager
+def saved_for_conversion(model):
+    """A temporary directory holding `model`'s inference function as a SavedModel, for the
+    converters; removed on exit.
 
     `lce.convert_keras_model` and `tf.lite.TFLiteConverter.from_keras_model` save the whole
     Keras model first (`model.save(save_format="tf")`), which traces every layer's call
     functions for Keras' own reloading: measured here, 95% of an R18 conversion. The
     converters read only the serving signature, so this saves just that: the model in
     inference mode with Keras' input and output names. LCE's flatbuffer is byte-identical
-    (float and int8; tests/test_export.py checks it) and comes 2-3x sooner.
+    (measured for float and int8 Bi-Real-18; tests/test_export.py checks a float net) and
+    comes 2-3x sooner.
     """
     import tensorflow as tf
 
@@ -92,22 +97,21 @@ def save_for_conversion(model, directory):
     holder = tf.Module()  # tracks the variables only, not the Keras objects
     holder.variables_of_model = list(model.weights)
     holder.serve = serve
-    tf.saved_model.save(holder, str(directory),
-                        signatures={"serving_default": serve.get_concrete_function()})
+    with tempfile.TemporaryDirectory() as directory:
+        tf.saved_model.save(holder, directory,
+                            signatures={"serving_default": serve.get_concrete_function()})
+        yield directory
 
 
 def convert(model, io_type: str = "float32") -> tuple[bytes, float]:
     """LCE conversion; (flatbuffer, seconds). `io_type` "int8" asks for int8 input and output."""
-    import tempfile
-
     import larq_compute_engine as lce
     import tensorflow as tf
 
     start = time.perf_counter()
     dtype = {"float32": tf.float32, "int8": tf.int8}[io_type]
     try:
-        with tempfile.TemporaryDirectory() as directory:
-            save_for_conversion(model, directory)
+        with saved_for_conversion(model) as directory:
             flatbuffer = lce.convert_saved_model(directory, inference_input_type=dtype,
                                                  inference_output_type=dtype)
     except Exception as err:
@@ -121,8 +125,6 @@ def convert_portable(model) -> tuple[bytes, bytes, list, float]:
     The float twin is the same graph with the binary kernels in float32 (the
     converter's output before `lower_binary_kernels`).
     """
-    import tempfile
-
     import tensorflow as tf
 
     from bireal_tf.export.portable import lower_binary_kernels, portable_twin
@@ -130,8 +132,7 @@ def convert_portable(model) -> tuple[bytes, bytes, list, float]:
     start = time.perf_counter()
     twin = portable_twin(model)
     try:
-        with tempfile.TemporaryDirectory() as directory:
-            save_for_conversion(twin, directory)
+        with saved_for_conversion(twin) as directory:
             float_twin = bytes(tf.lite.TFLiteConverter.from_saved_model(directory).convert())
     except Exception as err:
         raise ExportError(f"TFLite could not convert the portable twin of model '{model.name}' "
