@@ -70,11 +70,14 @@ def test_cli_evaluates_a_tflite_and_writes_json(r18, tmp_path):
     result = json.loads(out.read_text())
     assert result["num_examples"] == 64 and result["model_kind"] == "tflite"
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "bireal_tf.evaluate", str(tmp_path / "gone.tflite")],
-        env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert bad.returncode == 2
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
+    """The CLI's own main() in this process (the entry point itself runs in the test above)."""
+    from bireal_tf.evaluate import main
+
+    assert main([str(tmp_path / "gone.tflite")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "gone.tflite' does not exist" in errors[0]
 
 

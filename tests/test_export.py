@@ -470,11 +470,15 @@ def test_cli_refuses_with_exit_code_1_and_allow_mismatch_exports(tmp_path):
     assert op_histogram(out.read_bytes())["LceBconv2d"] == 2
 
 
-def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    done = _cli(tmp_path / "nowhere.keras", "-o", tmp_path / "m.tflite", cwd=tmp_path)
-    assert done.returncode == 2
-    (error,) = _error_lines(done)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    """The CLI's main() in this process: the same code as `python -m bireal_tf.export`, without
+    a second TensorFlow start-up (the slow suite runs the module as a process)."""
+    from bireal_tf.export.__main__ import main
+
+    assert main([str(tmp_path / "nowhere.keras"), "-o", str(tmp_path / "m.tflite")]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "nowhere.keras' does not exist" in error
+    assert not (tmp_path / "m.tflite").exists()
 
 
 # --- the deeper nets (slow) ------------------------------------------------------------------

@@ -413,7 +413,10 @@ def test_import_binds_keras_2_by_itself_and_turns_onednn_on():
     "code, env",
     [
         ("import bireal_tf", {"TF_USE_LEGACY_KERAS": "0"}),
-        ("import tensorflow as tf; tf.keras.layers.Dense; import bireal_tf", {}),
+        # Keras 3 itself loaded first: ~15 s of start-up in a fresh interpreter; the same
+        # refusal is proved fast by the case above.
+        pytest.param("import tensorflow as tf; tf.keras.layers.Dense; import bireal_tf", {},
+                     marks=pytest.mark.slow),
     ],
 )
 def test_keras_3_is_refused_with_instructions(code, env):
