@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export even if the .tflite outputs disagree with Keras; the report warns")
     p.add_argument("--portable", action="store_true",
                    help="builtin ops only (no LCE custom op), for stock LiteRT / TFLite on a Raspberry "
-                        "Pi or Android: binary convs as int8 +-1 hybrid CONV_2D, exact")
+                        "Pi or Android: binary convs as int8 +-1 hybrid CONV_2D, exact (an int8 "
+                        "model: a fully int8 file)")
     p.add_argument("--dataset", help="the dataset the model was trained on, for the predictor's labels "
                                      "and preprocessing (default: from the run's summary.json)")
     p.add_argument("--data-dir", help="where that dataset lives (for its class names)")

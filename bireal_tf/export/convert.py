@@ -119,26 +119,36 @@ def convert(model, io_type: str = "float32") -> tuple[bytes, float]:
     return bytes(flatbuffer), time.perf_counter() - start
 
 
-def convert_portable(model) -> tuple[bytes, bytes, list, float]:
+def convert_portable(model, io_type: str = "float32") -> tuple[bytes, bytes | None, list, float]:
     """Portable conversion: (flatbuffer, its float32 twin, the lowered convs, seconds).
 
-    The float twin is the same graph with the binary kernels in float32 (the
-    converter's output before `lower_binary_kernels`).
+    A float model: the float twin is the same graph with the binary kernels in float32
+    (the converter's output before `lower_binary_kernels`). An int8 model (fake-quant
+    layers): the converter quantizes the twin from its fake-quant ops into a fully int8
+    file (int8 I/O with `io_type="int8"`), and there is no float twin (None).
     """
     import tensorflow as tf
 
-    from bireal_tf.export.portable import lower_binary_kernels, portable_twin
+    from bireal_tf.export.portable import find_int8_binary_convs, lower_binary_kernels, portable_twin
 
     start = time.perf_counter()
     twin = portable_twin(model)
+    quantized = bool(fake_quant_layers(model))
     try:
         with saved_for_conversion(twin) as directory:
-            float_twin = bytes(tf.lite.TFLiteConverter.from_saved_model(directory).convert())
+            converter = tf.lite.TFLiteConverter.from_saved_model(directory)
+            if quantized:
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.inference_input_type = converter.inference_output_type = {
+                    "float32": tf.float32, "int8": tf.int8}[io_type]
+            converted = bytes(converter.convert())
     except Exception as err:
         raise ExportError(f"TFLite could not convert the portable twin of model '{model.name}' "
                           f"({first_line(err, 400)}).") from err
-    flatbuffer, lowered = lower_binary_kernels(float_twin, model)
-    return flatbuffer, float_twin, lowered, time.perf_counter() - start
+    if quantized:
+        return converted, None, find_int8_binary_convs(converted, model), time.perf_counter() - start
+    flatbuffer, lowered = lower_binary_kernels(converted, model)
+    return flatbuffer, converted, lowered, time.perf_counter() - start
 
 
 def float32_twin(model, input_shape=None):
@@ -251,7 +261,8 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
         report_path: also write the report JSON there (atomically).
         target: "lce" (LCE's custom ops: LceBconv2d, ...) or "portable" (builtin ops only,
             for stock LiteRT: binary convs as hybrid CONV_2D with int8 +-1 kernels on 0/1
-            inputs, exact; see `bireal_tf.export.portable`). A portable file is checked
+            inputs, exact; an int8 model: a fully int8 file, its binary convs int8 CONV_2D
+            on +-1; see `bireal_tf.export.portable`). A portable file is checked
             through LiteRT (`ai_edge_litert`) and, with `compare_lce`, against the LCE
             file of the same model on the parity inputs.
         dataset, data_dir, labels: what the predictor needs (the class names and the
@@ -476,17 +487,14 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
                      compare_lce, predictor, lce_hazard, lce_path) -> ExportReport:
     """export_tflite(target="portable"): builtin ops only, checked through stock LiteRT."""
     if io_type != "float32" and not quantized:
-        raise ExportError("The portable target takes float32 input and output (int8 I/O is for "
-                          "models with fake-quant layers, exported with target='lce').")
-    if quantized:
         raise ExportError(
-            f"Model '{model.name}' has fake-quant (int8) layers: the portable target converts float "
-            "models only for now (binary convs as int8 +-1 hybrid convs, the rest float32). Export "
-            "the float model it was made from with --portable, or this one with target='lce'.")
+            f"int8 I/O needs a model trained with fake quantization: model '{model.name}' has no "
+            "FakeQuant layer. Make one with `python -m bireal_tf.recipes.int8 MODEL -o OUT.keras` "
+            "and export OUT.keras with --portable --int8, or drop --int8.")
     if not layers:
         raise ExportError(f"Model '{model.name}' has no Larq binary conv, so there is nothing to "
                           "lower; a plain float model needs no bireal_tf export.")
-    flatbuffer, float_twin, lowered, seconds = convert_portable(model)
+    flatbuffer, float_twin, lowered, seconds = convert_portable(model, io_type)
     graph = TFLiteGraph(flatbuffer)
     custom = custom_ops(graph)
     if custom:
@@ -497,14 +505,21 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
 
     x, kind = _parity_inputs(model, sample_inputs, parity)
     runner = LiteRTRunner(flatbuffer)
-    check, keras = compare_outputs(model, flatbuffer, x, parity, False, runner=runner)
+    check, keras = compare_outputs(model, flatbuffer, x, parity, False, int8=quantized, runner=runner)
     check.inputs = kind
     summary = (f"{check.samples_within_tolerance} of {check.num_samples} inputs agree within "
                f"{check.tolerance:.3g} (max |difference| {check.max_abs_diff:.4g}, max |output| "
                f"{check.max_abs_keras_output:.3g}); {check.clear_samples_within_tolerance} of the "
                f"{check.clear_samples} clear of the sign threshold agree; top-1 agreement "
                f"{100 * check.top1_agreement:.1f}%")
-    if check.verdict == "mismatch":
+    if check.verdict == "int8_top1" and check.max_abs_diff > 0:
+        _warn(report_warnings, f"int8: the portable file agrees with the fake-quant Keras model in "
+                               f"top-1 on {100 * check.top1_agreement:.1f}% of the inputs (>= "
+                               f"{100 * parity.int8_min_top1:g}% asked); elementwise they differ "
+                               f"(max |difference| {check.max_abs_diff:.4g}), since int8 rounding "
+                               "flips some binary activations. Compare accuracy with `python -m "
+                               "bireal_tf.evaluate` on the file.")
+    elif check.verdict == "mismatch":
         _refuse_unless(allow_mismatch, "allow_mismatch",
                        f"The portable .tflite disagrees with the Keras model: {summary}.", report_warnings)
     elif check.verdict in ("sign_flips", "inconclusive"):
@@ -515,7 +530,7 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
     agreement, lce_file = None, None
     if compare_lce:
         try:
-            lce_file, _ = convert(model)
+            lce_file, _ = convert(model, io_type)
             # LCE's reference kernel where its optimized one mis-pads (small zero-padded maps).
             lce_out = TFLiteRunner(lce_file, use_reference_bconv=lce_hazard).predict(x)
             mine = runner.predict(x)
@@ -525,12 +540,18 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
         except ExportError as err:
             _warn(report_warnings, f"No comparison with the LCE file: {err}")
 
-    size = size_floor(model)
-    size.floor_bytes = size.binary_params + 4 * (size.float_params + size.batchnorm_params)
+    if quantized:  # every weight int8, binary ones included
+        size = int8_size_floor(model)
+        size.floor_bytes = (size.binary_params + size.float_params + size.batchnorm_params
+                            + 4 * size.scale_params)
+    else:
+        size = size_floor(model)
+        size.floor_bytes = size.binary_params + 4 * (size.float_params + size.batchnorm_params)
     size.binary_weight_bits = 8
     size.file_bytes, size.ratio = len(flatbuffer), round(len(flatbuffer) / max(1, size.floor_bytes), 4)
-    size.float_twin_bytes = len(float_twin)
-    size.float_twin_ratio = round(len(flatbuffer) / len(float_twin), 4)
+    if float_twin is not None:
+        size.float_twin_bytes = len(float_twin)
+        size.float_twin_ratio = round(len(flatbuffer) / len(float_twin), 4)
     report = _new_report(out_path, source, keras_precision, model, graph, io_type, seconds,
                          _host_latency(flatbuffer, x, latency, "litert"), _lce_version(),
                          binary_convs=binary_check, parity=check, size=size, warnings=report_warnings,

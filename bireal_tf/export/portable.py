@@ -33,6 +33,27 @@ that magnitude as its per-channel scale (zero point 0), which makes the CONV_2D 
 hybrid one (version 5, as the converter's own dynamic-range quantization writes it).
 The integer sum is exact (|sum| <= 255 * 9 * C_in < 2^31); it is rounded once, when
 the kernel multiplies it by the two float scales. Every other layer stays float32.
+
+An int8 model (fake-quant layers, `bireal_tf.models.int8_model`) becomes a fully int8
+file instead, the builtin twin of LCE's int8 file. Its activations are int8 with
+static ranges, so the asymmetry above does not arise, and the sign stays +-1:
+
+    s = +1 where x >= 0 else -1        (GREATER_EQUAL + SELECT_V2, int8 in and out)
+    s is stored as +-127 at scale 1/127, zero point 0 (exact)
+    y = conv(pad_1(s), K) + t          (PADV2 with +1, int8 CONV_2D)
+
+with K = g_c a_c sign(W) (BatchNorm scale g_c and magnitude a_c folded) stored as
+int8 +-127 at the per-channel scale |g_c a_c| / 127, i.e. +-1 times |g_c a_c|, and t
+the BatchNorm offset as the int32 bias. The int32 sum is exact
+(|sum| <= 127^2 * 9 * C_in < 2^31), and the CONV_2D requantizes it once into the
+int8 range of the FakeQuant that follows, as LCE's int8 LceBconv2d writes int8. The
+TFLite converter quantizes the twin (`PortableInt8BinaryConv2D` in place of each
+binary conv) from its fake-quant ops; the other layers are int8 as in LCE's file.
+Measured here against LCE's file on the same int8 inputs: a binary conv + BatchNorm
+gives the same int8 levels (196,608 of 196,608); deeper, an int8 requantization rounds
+by one level now and then (the stem's int8 conv under XNNPACK, which stock LiteRT
+uses by default, on 0.03% of values; a later binary conv on 0.06% without it), and
+such a level can flip a sign downstream.
 """
 
 from dataclasses import dataclass
@@ -43,10 +64,11 @@ import tensorflow as tf
 from bireal_tf.export.files import ExportError
 from bireal_tf.models import binary_conv_layers
 
-__all__ = ["HYBRID_CONV_VERSION", "PortableBinaryConv2D", "custom_ops", "is_portable_file", "lower_binary_kernels",
-           "portable_twin"]
+__all__ = ["HYBRID_CONV_VERSION", "PortableBinaryConv2D", "PortableInt8BinaryConv2D", "custom_ops",
+           "find_int8_binary_convs", "is_portable_file", "lower_binary_kernels", "portable_twin"]
 
 HYBRID_CONV_VERSION = 5  # what TFLite's dynamic-range quantizer writes for a per-channel hybrid conv
+SIGN_RANGE = (-128.0 / 127.0, 1.0)  # a FakeQuant range whose int8 grid has scale 1/127, zero point 0
 _SIGN_PROBE = np.array([-2.0, -1.0, -0.3, -1e-30, 0.0, 1e-30, 0.3, 1.0, 2.0], np.float32)
 
 
@@ -94,25 +116,8 @@ class PortableBinaryConv2D(tf.keras.layers.Layer):
         `batchnorm`, the BatchNormalization that alone reads the conv, is folded in:
         y -> s y + t per channel with s = gamma / sqrt(var + eps), t = beta - mean s.
         """
-        problem = _unsupported(layer)
-        if problem:
-            raise ExportError(f"Binary conv '{layer.name}' cannot be lowered to builtin ops: {problem}")
-        wq = _quantized_kernel(layer)
-        scale = np.abs(wq).reshape(-1, wq.shape[-1])
-        if not np.all(scale.max(0) > 0) or not np.allclose(scale.min(0), scale.max(0), rtol=1e-6, atol=0):
-            raise ExportError(
-                f"Binary conv '{layer.name}': its kernel quantizer gives more than one magnitude in "
-                "an output channel (or a zero), so the kernel is not +-1 times a per-channel scale "
-                "and cannot be stored as int8 +-1. Use a sign-like kernel quantizer "
-                "(bireal_tf's MagnitudeAwareSign, Larq's ste_sign).")
-        wq = np.sign(wq) * scale.max(0)
+        wq, paddings = _binary_kernel(layer)
         h, w = (int(d) for d in layer.input.shape[1:3])
-        kh, kw = layer.kernel_size
-        if layer.padding == "same":
-            paddings = [_same_padding(h, kh, layer.strides[0], layer.dilation_rate[0]),
-                        _same_padding(w, kw, layer.strides[1], layer.dilation_rate[1])]
-        else:
-            paddings = [(0, 0), (0, 0)]
         bias = -wq.sum(axis=(0, 1, 2))
         if layer.use_bias:
             bias = bias + np.asarray(layer.bias, np.float32)
@@ -130,6 +135,76 @@ class PortableBinaryConv2D(tf.keras.layers.Layer):
             border = None if border is None else border * s
         return cls(kernel, bias, border, paddings, layer.strides, layer.dilation_rate,
                    activation=tf.keras.activations.serialize(layer.activation), name=layer.name)
+
+
+class PortableInt8BinaryConv2D(tf.keras.layers.Layer):
+    """A binary conv of an int8 model in builtin int8 ops: y = conv_valid(pad_1(s), K) + t,
+    s = +-1 (sign(0) = +1) on the int8 grid of SIGN_RANGE (module doc).
+
+    `kernel` is K = g_c a_c sign(W) [kh, kw, c_in, c_out], `bias` t. Its int8 grid is
+    symmetric per output channel with the range |g_c a_c|, so K is +-127 levels exactly.
+    Constants, not weights: the layer exists only to be converted.
+    """
+
+    def __init__(self, kernel, bias, paddings, strides, dilation_rate, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel = np.asarray(kernel, np.float32)
+        self.bias = np.asarray(bias, np.float32)
+        self.magnitude = np.abs(self.kernel).reshape(-1, self.kernel.shape[-1]).max(0)
+        self.paddings = [[0, 0], list(paddings[0]), list(paddings[1]), [0, 0]]
+        self.conv_strides = tuple(strides)
+        self.dilation_rate = tuple(dilation_rate)
+
+    def call(self, inputs):
+        signs = tf.where(inputs >= 0, 1.0, -1.0)
+        signs = tf.quantization.fake_quant_with_min_max_vars(signs, *SIGN_RANGE, num_bits=8)
+        if any(p for pair in self.paddings for p in pair):
+            signs = tf.pad(signs, self.paddings, constant_values=1.0)
+        kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            tf.constant(self.kernel), -self.magnitude, self.magnitude, num_bits=8, narrow_range=True)
+        y = tf.nn.conv2d(signs, kernel, (1, *self.conv_strides, 1), "VALID",
+                         dilations=(1, *self.dilation_rate, 1))
+        return y + self.bias
+
+    @classmethod
+    def from_larq(cls, layer, batchnorm=None):
+        """The int8 portable form of a Larq binary conv of an int8 model, `batchnorm` folded in."""
+        if float(layer.pad_values) != 1.0 and layer.padding == "same" and max(layer.kernel_size) > 1:
+            raise ExportError(f"Binary conv '{layer.name}' pads with 0; an int8 model's binary convs pad "
+                              "with +1 (bireal_tf.models.int8_model makes them so).")
+        if tf.keras.activations.serialize(layer.activation) != "linear":
+            raise ExportError(f"Binary conv '{layer.name}' has an activation; the int8 portable lowering "
+                              "takes a linear binary conv (its BatchNorm and FakeQuant follow it).")
+        wq, paddings = _binary_kernel(layer)
+        bias = np.asarray(layer.bias, np.float32) if layer.use_bias else np.zeros(wq.shape[-1], np.float32)
+        if batchnorm is not None:
+            s, t = _batchnorm_affine(batchnorm)
+            wq, bias = wq * s, bias * s + t
+        return cls(wq, bias, paddings, layer.strides, layer.dilation_rate, name=layer.name)
+
+
+def _binary_kernel(layer):
+    """(a_c sign(W) as float32 [kh, kw, c_in, c_out], the (top, bottom), (left, right) padding)
+    of a Larq binary conv; ExportError when it is not +-1 times a per-channel scale."""
+    problem = _unsupported(layer)
+    if problem:
+        raise ExportError(f"Binary conv '{layer.name}' cannot be lowered to builtin ops: {problem}")
+    wq = _quantized_kernel(layer)
+    scale = np.abs(wq).reshape(-1, wq.shape[-1])
+    if not np.all(scale.max(0) > 0) or not np.allclose(scale.min(0), scale.max(0), rtol=1e-6, atol=0):
+        raise ExportError(
+            f"Binary conv '{layer.name}': its kernel quantizer gives more than one magnitude in "
+            "an output channel (or a zero), so the kernel is not +-1 times a per-channel scale "
+            "and cannot be stored as int8 +-1. Use a sign-like kernel quantizer "
+            "(bireal_tf's MagnitudeAwareSign, Larq's ste_sign).")
+    h, w = (int(d) for d in layer.input.shape[1:3])
+    kh, kw = layer.kernel_size
+    if layer.padding == "same":
+        paddings = [_same_padding(h, kh, layer.strides[0], layer.dilation_rate[0]),
+                    _same_padding(w, kw, layer.strides[1], layer.dilation_rate[1])]
+    else:
+        paddings = [(0, 0), (0, 0)]
+    return (np.sign(wq) * scale.max(0)).astype(np.float32), paddings
 
 
 def _batchnorm_affine(bn):
@@ -178,13 +253,17 @@ def _unsupported(layer) -> str:
 
 
 def portable_twin(model) -> tf.keras.Model:
-    """`model` (a float32 functional model) with every binary conv a PortableBinaryConv2D.
+    """`model` (a float32 functional model) with every binary conv a PortableBinaryConv2D,
+    or a PortableInt8BinaryConv2D if `model` has fake-quant layers (an int8 model).
 
     Same layer names; the other layers are rebuilt from their configs with their weights.
     A BatchNormalization that alone reads a binary conv is folded into it here (and
     becomes an identity), so the lowering does not depend on the converter's fusions.
     """
+    from bireal_tf.models import fake_quant_layers
+
     binary = {layer.name for layer in binary_conv_layers(model)}
+    lowered_conv = PortableInt8BinaryConv2D if fake_quant_layers(model) else PortableBinaryConv2D
     if any(isinstance(layer, tf.keras.Model) for layer in model.layers):
         raise ExportError(f"Model '{model.name}' nests models; the portable export takes a flat "
                           "functional model (as bireal_tf's builders make).")
@@ -194,7 +273,7 @@ def portable_twin(model) -> tf.keras.Model:
 
     def clone(layer):
         if layer.name in binary:
-            return PortableBinaryConv2D.from_larq(layer, folded.get(layer.name))
+            return lowered_conv.from_larq(layer, folded.get(layer.name))
         if layer.name in absorbed:  # folded into the conv before it
             return tf.keras.layers.Activation("linear", name=layer.name)
         return layer.__class__.from_config(layer.get_config())
@@ -225,6 +304,58 @@ class LoweredConv:
 def _signs_ohwi(layer) -> np.ndarray:
     """The binarized kernel of a Keras binary conv in TFLite's filter layout [O, H, W, I], True = -1."""
     return np.transpose(_quantized_kernel(layer) < 0, (3, 0, 1, 2))
+
+
+def _match(wanted: dict, negative: np.ndarray):
+    """(name, channels flipped) of the layer in `wanted` whose sign pattern `negative` [O, H, W, I]
+    is, up to a flip per output channel; (None, 0) if none."""
+    name = next((n for n, s in wanted.items() if s.shape == negative.shape and all(
+        np.array_equal(a, b) or np.array_equal(a, ~b) for a, b in zip(s, negative))), None)
+    if name is None:
+        return None, 0
+    return name, sum(not np.array_equal(a, b) for a, b in zip(wanted.pop(name), negative))
+
+
+def find_int8_binary_convs(flatbuffer: bytes, model) -> list:
+    """The LoweredConv of each binary conv of `model` in an int8 portable file: an int8 CONV_2D
+    on an int8 input whose kernel is +-127 levels (zero point 0) in the layer's sign pattern.
+    ExportError when one is missing (the converter did not keep the conv as int8 +-1)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    graph, codes = fb.subgraphs[0], fb.operatorCodes
+    wanted = {layer.name: _signs_ohwi(layer) for layer in binary_conv_layers(model)}
+    found = []
+    for op in graph.operators:
+        code = codes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.CONV_2D:
+            continue
+        data, kernel = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]]
+        buffer = fb.buffers[kernel.buffer]
+        if kernel.type != schema.TensorType.INT8 or data.type != schema.TensorType.INT8 or buffer.data is None:
+            continue
+        levels = np.frombuffer(bytes(buffer.data), np.int8).reshape(kernel.shape)
+        if not np.all(np.abs(levels.astype(np.int16)) == 127) or any(kernel.quantization.zeroPoint):
+            continue
+        name, flipped = _match(wanted, levels < 0)
+        if name is not None:
+            found.append(LoweredConv(name, _name(kernel), len(levels), int(flipped)))
+    _check_all_found(wanted, model, "int8 CONV_2D in the file has their sign pattern as +-127 levels")
+    return found
+
+
+def _name(tensor) -> str:
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+
+
+def _check_all_found(wanted: dict, model, looked_for: str):
+    """ExportError naming the binary convs left in `wanted` (not found in the converted file)."""
+    if wanted:
+        raise ExportError(
+            f"The portable conversion lost track of {len(wanted)} binary conv(s) of model "
+            f"'{model.name}' ({', '.join(sorted(wanted))}): no {looked_for}. The converter changed "
+            "the graph in a way the lowering does not know; export with target='lce' instead.")
 
 
 def lower_binary_kernels(flatbuffer: bytes, model) -> tuple[bytes, list]:
@@ -258,11 +389,9 @@ def lower_binary_kernels(flatbuffer: bytes, model) -> tuple[bytes, list]:
         if not (np.all(magnitude.max(1) > 0) and np.array_equal(magnitude.min(1), magnitude.max(1))):
             continue
         negative = kernel < 0
-        name = next((n for n, s in wanted.items() if s.shape == negative.shape and all(
-            np.array_equal(a, b) or np.array_equal(a, ~b) for a, b in zip(s, negative))), None)
+        name, flipped = _match(wanted, negative)
         if name is None:
             continue
-        flipped = sum(not np.array_equal(a, b) for a, b in zip(wanted.pop(name), negative))
         buffer.data = np.where(negative, -1, 1).astype(np.int8).tobytes()
         tensor.type = schema.TensorType.INT8
         q = schema.QuantizationParametersT()
@@ -278,14 +407,9 @@ def lower_binary_kernels(flatbuffer: bytes, model) -> tuple[bytes, list]:
             codes.append(new)
             hybrid_code = len(codes) - 1
         op.opcodeIndex = hybrid_code
-        lowered.append(LoweredConv(name, tensor.name.decode() if isinstance(tensor.name, bytes)
-                                   else str(tensor.name), len(kernel), int(flipped)))
-    if wanted:
-        raise ExportError(
-            f"The portable conversion lost track of {len(wanted)} binary conv(s) of model "
-            f"'{model.name}' ({', '.join(sorted(wanted))}): no float CONV_2D in the converted file has "
-            "their sign pattern with one magnitude per channel. The converter changed the graph in "
-            "a way the lowering does not know; export with target='lce' instead.")
+        lowered.append(LoweredConv(name, _name(tensor), len(kernel), int(flipped)))
+    _check_all_found(wanted, model, "float CONV_2D in the converted file has their sign pattern with "
+                                    "one magnitude per channel")
     return bytes(flatbuffer_utils.convert_object_to_bytearray(fb)), lowered
 
 
@@ -299,15 +423,24 @@ def custom_ops(graph) -> list:
 
 def is_portable_file(flatbuffer: bytes) -> bool:
     """Whether a flatbuffer looks like a portable export: builtin ops only, and binary convs
-    as hybrid CONV_2D (an int8 kernel +-1 on a float32 activation)."""
+    as CONV_2D with int8 kernels on a computed sign: a hybrid conv on float32 0/1 (float
+    models), or an int8 conv on the +-1 of a SELECT_V2 (int8 models)."""
     from bireal_tf.export.flatbuffer import TFLiteGraph
 
     graph = TFLiteGraph(flatbuffer)
     if custom_ops(graph):
         return False
+    producer = {t: op.name for op in graph.ops for t in op.outputs}
     for op in graph.ops:
         if op.name != "CONV_2D" or graph.tensors[op.inputs[1]].type != "int8":
             continue
-        if graph.tensors[op.inputs[0]].type == "float32" and not graph.is_constant(op.inputs[0]):
+        data = graph.tensors[op.inputs[0]]
+        if data.type == "float32" and not graph.is_constant(op.inputs[0]):
+            return True
+        source = producer.get(op.inputs[0])
+        if source == "PADV2":
+            pad = next(p for p in graph.ops if op.inputs[0] in p.outputs)
+            source = producer.get(pad.inputs[0])
+        if data.type == "int8" and source == "SELECT_V2":
             return True
     return False
