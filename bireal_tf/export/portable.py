@@ -430,7 +430,7 @@ def is_portable_file(flatbuffer: bytes) -> bool:
     graph = TFLiteGraph(flatbuffer)
     if custom_ops(graph):
         return False
-    producer = {t: op.name for op in graph.ops for t in op.outputs}
+    producer = {t: op for op in graph.ops for t in op.outputs}
     for op in graph.ops:
         if op.name != "CONV_2D" or graph.tensors[op.inputs[1]].type != "int8":
             continue
@@ -438,9 +438,8 @@ def is_portable_file(flatbuffer: bytes) -> bool:
         if data.type == "float32" and not graph.is_constant(op.inputs[0]):
             return True
         source = producer.get(op.inputs[0])
-        if source == "PADV2":
-            pad = next(p for p in graph.ops if op.inputs[0] in p.outputs)
-            source = producer.get(pad.inputs[0])
-        if data.type == "int8" and source == "SELECT_V2":
+        if source is not None and source.name == "PADV2":
+            source = producer.get(source.inputs[0])
+        if data.type == "int8" and source is not None and source.name == "SELECT_V2":
             return True
     return False
