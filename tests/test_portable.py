@@ -419,7 +419,7 @@ def test_an_int8_models_portable_file_is_fully_int8_with_the_signs_as_select(tmp
     assert graph.histogram["GREATER_EQUAL"] == graph.histogram["SELECT_V2"] == 4 and "CAST" not in graph.histogram
     # The network up to the global pool is int8 (this small model's classifier, a Dense with
     # its softmax inside, gets a FakeQuant only after the softmax, so it stays float).
-    body = [op for op in graph.ops[:graph.ops.index(next(o for o in graph.ops if o.name == "MEAN")) + 1]]
+    body = graph.ops[:[op.name for op in graph.ops].index("MEAN") + 1]
     assert body[0].name == "QUANTIZE" and "DEQUANTIZE" not in [op.name for op in body]
     assert {graph.tensors[t].type for op in body[1:] for t in op.inputs + op.outputs} == {"int8", "int32", "bool"}
     kernels = [(d, s) for dtype, d, s in _kernels(out).values()]
