@@ -38,6 +38,7 @@ from bireal_tf import models
 from bireal_tf.data import load_dataset
 from bireal_tf.models.layers import Subsample2D
 from bireal_tf.quantizers import MagnitudeAwareSign, custom_objects
+from bireal_tf.recipes.batchnorm import ReestimateBatchNorm, reestimation_steps
 from bireal_tf.recipes.distill import Distiller, load_teacher
 from bireal_tf.recipes.recipe import SMALL_IMAGE_MAX_SIZE, TWIN, conv_l2_loss, make_optimizer
 from bireal_tf.utils import atomic_write_text, bf16_cpu_flags, library_versions, save_model_atomic
@@ -403,6 +404,19 @@ class Trainer:
                     mean=spec.mean, std=spec.std, teacher_input=self.recipe.teacher_input)
         return self._teachers[path]
 
+    def _stage_seed(self, index):
+        return self.recipe.seed * 1_000_003 + index * 10_007
+
+    def batchnorm_images(self, index, stage):
+        """(image batches, count) on which stage `index` re-estimates BatchNorm: the first
+        batches of its first epoch, augmented as training sees them; the same ones every
+        epoch and after a resume."""
+        batch = self.recipe.batch_size
+        spec = self._dataset("train", stage.augmentation, self._stage_seed(index),
+                             self.limit_train, batch, start_epoch=0,
+                             steps_per_epoch=reestimation_steps(batch))
+        return spec.dataset, min(reestimation_steps(batch), spec.steps_per_epoch)
+
     def _run_stage(self, index, stage, stage_dir, init_path, teacher_path=None):
         recipe = self.recipe
         os.makedirs(stage_dir, exist_ok=True)
@@ -412,7 +426,7 @@ class Trainer:
 
         # Built once per stage: epoch e's order and augmentation depend on (seed, stage, e)
         # only, so a resumed run sees the batches of an uninterrupted one.
-        spec = self._dataset("train", stage.augmentation, recipe.seed * 1_000_003 + index * 10_007,
+        spec = self._dataset("train", stage.augmentation, self._stage_seed(index),
                              self.limit_train, batch, start_epoch=first,
                              steps_per_epoch=recipe.steps_per_epoch)
         steps = recipe.steps_per_epoch or spec.steps_per_epoch
@@ -461,8 +475,13 @@ class Trainer:
             checkpoint.epoch.assign(epoch + 1)
             manager.save(checkpoint_number=epoch + 1)
 
+        reestimate = []
+        if stage.reestimate_batchnorm:
+            reestimate = [ReestimateBatchNorm(model, *self.batchnorm_images(index, stage),
+                                              self.strategy)]
         callbacks = [
             tf.keras.callbacks.TerminateOnNaN(),  # stops at the first non-finite loss
+            *reestimate,  # before validation and before _EpochEnd saves the checkpoint
             _EpochEnd(epoch_done),
             tf.keras.callbacks.TensorBoard(os.path.join(self.write_dir, "logs", stage.name),
                                            profile_batch=0),
