@@ -144,3 +144,17 @@ def test_mirrored_replicas_re_estimate_as_one_device_does(tmp_path):
     one, two = (np.load(tmp_path / f"{n}.npy") for n in ("default", "mirrored"))
     assert np.all(np.isfinite(one)) and np.all(one[1] > 0)
     np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+def test_the_command_line_turns_it_on_and_off():
+    from bireal_tf.recipes.train import build_recipe, parse_args
+
+    def flags(*argv):
+        recipe, _ = build_recipe(parse_args(list(argv)))
+        return {s.name: s.reestimate_batchnorm for s in recipe.stages}
+
+    assert flags("r18_react") == {"twin": False, "step1": False, "step2": True}
+    assert flags("r18_react", "--no-reestimate-batchnorm") == {"twin": False, "step1": False,
+                                                              "step2": False}
+    assert flags("r18_adam", "--reestimate-batchnorm") == {"binary": True}
+    assert flags("r18_adam") == {"binary": False}

@@ -230,7 +230,7 @@ def test_cli_overrides_reach_the_recipe(tmp_path):
                  "--steps-per-epoch", "2", "--lr", "0.004", "--optimizer", "sgd",
                  "--schedule", "constant", "--weight-decay", "0.0005",
                  "--label-smoothing", "0.05", "--augmentation", "none", "--seed", "7",
-                 "--padding", "symmetric", "--pad-values", "1"]) == 0
+                 "--padding", "symmetric", "--pad-values", "1", "--reestimate-batchnorm"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
     assert (config["image_size"], config["batch_size"], config["steps_per_epoch"],
@@ -238,8 +238,8 @@ def test_cli_overrides_reach_the_recipe(tmp_path):
         40, 16, 2, 7, "symmetric", 1.0)
     (stage,) = config["stages"]
     assert (stage["epochs"], stage["optimizer"], stage["schedule"], stage["weight_decay"],
-            stage["label_smoothing"], stage["augmentation"]) == (
-        2, "sgd", "constant", 0.0005, 0.05, "none")
+            stage["label_smoothing"], stage["augmentation"], stage["reestimate_batchnorm"]) == (
+        2, "sgd", "constant", 0.0005, 0.05, "none", True)
     # --lr is the rate at the batch given: no further scaling.
     assert summary["learning_rates"] == {"binary": pytest.approx(0.004)}
     assert summary["dataset"]["image_size"] == 40

@@ -61,6 +61,10 @@ def parse_args(argv):
     hp.add_argument("--activation", choices=("binary", "relu", "leaky_clip", "clip"),
                     help="the network variant every stage trains: relu trains the recipe's "
                          "real-valued twin (e.g. a teacher for --teacher PATH)")
+    hp.add_argument("--reestimate-batchnorm", action=argparse.BooleanOptionalAction,
+                    help="re-estimate BatchNorm's statistics on 2,048 training images after "
+                         "each epoch, before validation and checkpoint (default: the recipe's; "
+                         "on in ReActNet's step 2, whose moving averages lag its weights)")
     hp.add_argument("--steps-per-epoch", type=int)
     hp.add_argument("--seed", type=int)
     hp.add_argument("--padding", choices=("same", "symmetric"))
@@ -127,7 +131,7 @@ def parse_args(argv):
 CLI_OVERRIDES = ("dataset", "batch_size", "image_size", "steps_per_epoch", "seed", "padding",
                  "pad_values", "epochs", "optimizer", "schedule", "weight_decay",
                  "label_smoothing", "augmentation", "activation", "teacher", "distill_weight",
-                 "teacher_input")
+                 "teacher_input", "reestimate_batchnorm")
 
 
 def build_recipe(args):
