@@ -23,6 +23,7 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf import quantizers
+from bireal_tf.export.checks import batchnorm_cancellation
 from bireal_tf.export import (
     ExportError,
     ExportWarning,
@@ -311,6 +312,32 @@ def test_a_tflite_that_computes_another_function_is_refused_and_allowed_on_reque
     assert parity.clear_samples == parity.num_samples == 16
     assert parity.clear_samples_within_tolerance == 0
     assert out.read_bytes() == flatbuffer_b
+
+
+def test_the_sign_margin_widens_with_the_offset_batchnorm_cancels(tmp_path, monkeypatch):
+    """Where a BatchNorm subtracts a mean k times its spread, its output's rounding error is
+    k times larger relative to it, so an input counts as clear only at (1 + k) x the margin.
+    The refused case above (another function's file), with the second BatchNorm given a
+    mean 1.5e4 x its spread (and a beta that keeps its outputs' scale): no input is clear
+    any more, so the differing file is judged by the majority rule ('inconclusive', every
+    input differs) instead of refused."""
+    model_a = tiny_binary_model(seed=1)
+    bn = model_a.get_layer("second_bn")
+    assert batchnorm_cancellation(model_a) == 0.0  # fresh statistics: mean 0, variance 1
+    bn.moving_mean.assign(np.full(32, 500.0, np.float32))
+    bn.moving_variance.assign(np.full(32, 1e-4, np.float32))
+    k = 500.0 / np.sqrt(1e-4 + bn.epsilon)
+    bn.beta.assign(np.full(32, k, np.float32))
+    assert batchnorm_cancellation(model_a) == pytest.approx(k, rel=1e-6)
+    flatbuffer_b, _ = convert_module.convert(tiny_binary_model(seed=2))
+    monkeypatch.setattr(convert_module, "convert", lambda model, io_type: (flatbuffer_b, 0.0))
+    with pytest.warns(ExportWarning, match="Parity is inconclusive"):
+        report = export_tflite(model_a, tmp_path / "a.tflite", latency=None)
+    parity = report.parity
+    assert parity.sign_margin_threshold == pytest.approx(2e-6 * (1 + k), rel=1e-6)
+    assert parity.min_sign_margin < parity.sign_margin_threshold
+    assert parity.clear_samples == 0 and parity.samples_within_tolerance == 0
+    assert parity.verdict == "inconclusive"
 
 
 def test_inputs_at_the_sign_threshold_give_an_inconclusive_verdict(tmp_path):

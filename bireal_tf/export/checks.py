@@ -5,7 +5,8 @@ binarize to +1 in Keras and -1 in LCE (which folds BatchNorm into the conv), and
 the flip spreads to the outputs. So each input is judged on its own, and an input
 that differs is evidence of a fault only if it is *clear* of the sign threshold:
 every pre-sign activation at least `sign_margin` x its layer's max away from zero
-(`sign_margins`). A conversion fault moves every input, clear ones included.
+(`sign_margins`), the margin widened where BatchNorm cancels a large offset
+(`batchnorm_cancellation`). A conversion fault moves every input, clear ones included.
 """
 
 import math
@@ -20,7 +21,7 @@ from bireal_tf.export.runtime import TFLiteRunner
 from bireal_tf.models import binary_conv_layers
 from bireal_tf.models.int8 import fake_quant_layers
 
-__all__ = ["ParitySettings", "compare_outputs", "float_binary_convs", "int8_check",
+__all__ = ["ParitySettings", "batchnorm_cancellation", "compare_outputs", "float_binary_convs", "int8_check",
            "lce_zero_padding_hazards", "sign_margins"]
 
 
@@ -128,6 +129,30 @@ def sign_margins(model, x, batch=4) -> np.ndarray | None:
     return np.concatenate(margins)
 
 
+def batchnorm_cancellation(model) -> float:
+    """The largest |moving_mean| / sqrt(moving_variance + epsilon) of any BatchNorm channel.
+
+    A BatchNorm subtracts its mean from its input: where the mean is k times the spread,
+    the output keeps the input's rounding error (relative to the input's size) and is k
+    times smaller, so its relative error grows k-fold. The parity check widens its sign
+    margin by (1 + k). Measured: Bi-Real-18 with ReActNet's block after 4 + 4 epochs on
+    32 px Fashion-MNIST has k = 212 (stage 4, whose 1x1 maps padded with +1 make 8 of 9
+    taps a constant offset), and 18-21 of 256 test images that cleared the plain 2e-6
+    margin still differed between Keras and LCE (margins up to 1.4e-5; Keras at batch 1
+    and at batch 32 differed on 18); the same recipe's Bi-Real block (r18_adam) has
+    k = 4.8 and none differed.
+    """
+    import tensorflow as tf
+
+    worst = 0.0
+    for layer in model.submodules:
+        if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.moving_mean is not None:
+            mean = np.abs(np.asarray(layer.moving_mean, np.float64))
+            std = np.sqrt(np.asarray(layer.moving_variance, np.float64) + layer.epsilon)
+            worst = max(worst, float((mean / std).max(initial=0.0)))
+    return worst
+
+
 def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySettings,
                     hazard: bool, int8: bool = False, runner=None) -> tuple[ParityCheck, np.ndarray]:
     """Keras vs .tflite on inputs x: (the ParityCheck without `inputs`, the Keras outputs).
@@ -151,7 +176,8 @@ def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySet
     diff = np.abs(keras - lite).reshape(len(x), -1).max(axis=1)
     within = diff <= tolerance
     margins = sign_margins(model, x)
-    clear = np.zeros(len(x), bool) if margins is None else margins >= settings.sign_margin
+    threshold = settings.sign_margin * (1.0 + batchnorm_cancellation(model))
+    clear = np.zeros(len(x), bool) if margins is None else margins >= threshold
     top1 = np.argmax(keras.reshape(len(x), -1), 1) == np.argmax(lite.reshape(len(x), -1), 1)
     if int8:
         verdict = "int8_top1" if top1.mean() >= settings.int8_min_top1 else "mismatch"
@@ -166,7 +192,7 @@ def compare_outputs(model, flatbuffer: bytes, x: np.ndarray, settings: ParitySet
     check = ParityCheck(
         inputs="", num_samples=len(x), max_abs_diff=float(diff.max()), max_abs_keras_output=scale,
         tolerance=tolerance, samples_within_tolerance=int(within.sum()),
-        sign_margin_threshold=float(settings.sign_margin), clear_samples=int(clear.sum()),
+        sign_margin_threshold=float(threshold), clear_samples=int(clear.sum()),
         clear_samples_within_tolerance=int((clear & within).sum()),
         min_sign_margin=None if margins is None else float(margins.min()),
         top1_agreement=float(top1.mean()), verdict=verdict,
