@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf.recipes import get_recipe
-from bireal_tf.recipes.batchnorm import batchnorm_layers, reestimate_batchnorm
+from bireal_tf.models import batchnorm_layers
+from bireal_tf.recipes.batchnorm import reestimate_batchnorm
 from bireal_tf.recipes.loop import Trainer
 from tests.conftest import cli_env
 

@@ -18,11 +18,11 @@ import numpy as np
 from bireal_tf.export.flatbuffer import TFLiteGraph, unpack_bconv_filter
 from bireal_tf.export.report import Int8Check, ParityCheck
 from bireal_tf.export.runtime import TFLiteRunner
-from bireal_tf.models import binary_conv_layers
+from bireal_tf.models import batchnorm_layers, binary_conv_layers
 from bireal_tf.models.int8 import fake_quant_layers
 
-__all__ = ["ParitySettings", "batchnorm_cancellation", "compare_outputs", "float_binary_convs", "int8_check",
-           "lce_zero_padding_hazards", "sign_margins"]
+__all__ = ["ParitySettings", "batchnorm_cancellation", "compare_outputs", "float_binary_convs",
+           "int8_check", "lce_zero_padding_hazards", "sign_margins"]
 
 
 @dataclass(frozen=True)
@@ -142,14 +142,11 @@ def batchnorm_cancellation(model) -> float:
     and at batch 32 differed on 18); the same recipe's Bi-Real block (r18_adam) has
     k = 4.8 and none differed.
     """
-    import tensorflow as tf
-
     worst = 0.0
-    for layer in model.submodules:
-        if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.moving_mean is not None:
-            mean = np.abs(np.asarray(layer.moving_mean, np.float64))
-            std = np.sqrt(np.asarray(layer.moving_variance, np.float64) + layer.epsilon)
-            worst = max(worst, float((mean / std).max(initial=0.0)))
+    for layer in batchnorm_layers(model):
+        mean = np.abs(np.asarray(layer.moving_mean, np.float64))
+        std = np.sqrt(np.asarray(layer.moving_variance, np.float64) + layer.epsilon)
+        worst = max(worst, float((mean / std).max(initial=0.0)))
     return worst
 
 

@@ -464,3 +464,8 @@ def binary_conv_layers(model):
         ):
             found.append(layer)
     return found
+
+
+def batchnorm_layers(model):
+    """Every BatchNormalization layer in `model`, nested ones included."""
+    return [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]

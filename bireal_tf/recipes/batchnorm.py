@@ -19,15 +19,12 @@ import math
 
 import tensorflow as tf
 
+from bireal_tf.models import batchnorm_layers
+
 # Images averaged over (rounded up to whole batches). Few are needed: on the step-2
 # network above, 4, 8, 16, 32 and 64 batches of 128 all gave 91.3-91.6% on the 10,000
 # test images (its moving statistics: 10.0%); 16 batches cost about 5 s here.
 REESTIMATION_IMAGES = 2048
-
-
-def batchnorm_layers(model):
-    """Every BatchNormalization layer in `model`, nested ones included."""
-    return [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
 
 
 def reestimate_batchnorm(model, images, steps, strategy=None):
