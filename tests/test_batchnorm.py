@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bireal_tf.recipes import get_recipe
 from bireal_tf.models import batchnorm_layers
+from bireal_tf.recipes import get_recipe
 from bireal_tf.recipes.batchnorm import reestimate_batchnorm
 from bireal_tf.recipes.loop import Trainer
 from tests.conftest import cli_env
