@@ -386,13 +386,7 @@ def export_tflite(model, path, *, sample_inputs=None, allow_float_convs: bool = 
                f"layer's max from zero), {check.clear_samples_within_tolerance} of those agree; "
                f"top-1 agreement {100 * check.top1_agreement:.1f}%")
     if check.verdict == "int8_top1":
-        _warn(report_warnings, f"int8: outputs agree with the fake-quant Keras model in top-1 on "
-                               f"{100 * check.top1_agreement:.1f}% of the inputs (>= "
-                               f"{100 * parity.int8_min_top1:g}% asked); elementwise they differ "
-                               f"(max |difference| {check.max_abs_diff:.4g}, max |output| "
-                               f"{check.max_abs_keras_output:.3g}), since int8 rounding flips some "
-                               "binary activations. Compare accuracy with `python -m "
-                               "bireal_tf.evaluate` on the .tflite.")
+        _warn(report_warnings, _int8_parity_warning(check, parity, "outputs", ".tflite"))
     elif check.verdict == "sign_flips":
         _warn(report_warnings, f"Some outputs differ from Keras: {summary}. Every input that "
                                "differs has an activation within rounding of the sign threshold, "
@@ -482,6 +476,15 @@ def _write(out_path, flatbuffer, report, report_path, extra_files):
     return report
 
 
+def _int8_parity_warning(check, parity, subject: str, file_word: str) -> str:
+    """The report's warning for an int8 file judged by top-1 agreement (`int8_top1`)."""
+    return (f"int8: {subject} agree with the fake-quant Keras model in top-1 on "
+            f"{100 * check.top1_agreement:.1f}% of the inputs (>= {100 * parity.int8_min_top1:g}% "
+            f"asked); elementwise they differ (max |difference| {check.max_abs_diff:.4g}, max "
+            f"|output| {check.max_abs_keras_output:.3g}), since int8 rounding flips some binary "
+            f"activations. Compare accuracy with `python -m bireal_tf.evaluate` on the {file_word}.")
+
+
 def _export_portable(model, out_path, *, source, keras_precision, layers, quantized, io_type,
                      sample_inputs, parity, latency, allow_mismatch, report_path, report_warnings,
                      compare_lce, predictor, lce_hazard, lce_path) -> ExportReport:
@@ -513,12 +516,8 @@ def _export_portable(model, out_path, *, source, keras_precision, layers, quanti
                f"{check.clear_samples} clear of the sign threshold agree; top-1 agreement "
                f"{100 * check.top1_agreement:.1f}%")
     if check.verdict == "int8_top1" and check.max_abs_diff > 0:
-        _warn(report_warnings, f"int8: the portable file agrees with the fake-quant Keras model in "
-                               f"top-1 on {100 * check.top1_agreement:.1f}% of the inputs (>= "
-                               f"{100 * parity.int8_min_top1:g}% asked); elementwise they differ "
-                               f"(max |difference| {check.max_abs_diff:.4g}), since int8 rounding "
-                               "flips some binary activations. Compare accuracy with `python -m "
-                               "bireal_tf.evaluate` on the file.")
+        _warn(report_warnings, _int8_parity_warning(check, parity, "the portable file's outputs",
+                                                    "file"))
     elif check.verdict == "mismatch":
         _refuse_unless(allow_mismatch, "allow_mismatch",
                        f"The portable .tflite disagrees with the Keras model: {summary}.", report_warnings)
