@@ -13,6 +13,7 @@ import tensorflow as tf
 from bireal_tf.data import folder
 from bireal_tf.recipes import get_recipe
 from bireal_tf.recipes import train_recipe
+from bireal_tf.recipes.recipe import RECIPES
 from bireal_tf.recipes.train import build_recipe, parse_args
 
 TINY = dict(dataset="fashion_mnist_embedded", batch_size=16, image_size=32, steps_per_epoch=2)
@@ -104,7 +105,49 @@ def test_small_images_get_the_settings_measured_for_them(argv, small):
         return
     assert stage.augmentation == "none" and recipe.pad_values == 1.0
     assert recipe.scaled_lr(stage) == pytest.approx(0.004 * recipe.batch_size / 128)
-    assert set(fitted) == {"pad_values", "augmentation", "lr"}
+    assert set(fitted) == {"batch_size", "pad_values", "augmentation", "lr"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("dataset, batch", [("fashion_mnist", 128), ("fashion_mnist_embedded", 64)])
+def test_every_recipe_trains_small_images_at_the_measured_batch_unless_told(name, dataset, batch):
+    """Every stage (twin and teacher ones included) of every recipe trains at the batch the
+    small-image figures were measured at, each Adam stage at 0.004 x batch / 128; the user's
+    --batch-size wins and scales the learning rates with it; the summary records the batch."""
+    recipe, fitted = build_recipe(parse_args([name, "--dataset", dataset]))
+    assert recipe.batch_size == batch and fitted["batch_size"] == batch
+    original = get_recipe(name)
+    for stage in recipe.stages:
+        if stage.optimizer == "adam":
+            assert recipe.scaled_lr(stage) == pytest.approx(0.004 * batch / 128), stage.name
+        else:  # SGD keeps its learning rate per image: scaled from the recipe's batch
+            base = original.stage(stage.name)
+            assert recipe.scaled_lr(stage) == pytest.approx(
+                original.scaled_lr(base) * batch / original.batch_size), stage.name
+    with_twin, _ = build_recipe(parse_args([name, "--dataset", dataset, "--teacher", "twin"]))
+    assert with_twin.batch_size == batch and with_twin.stages[0].teaches
+    for stage in with_twin.stages:  # the twin copies its first stage's fitted settings
+        if stage.optimizer == "adam":
+            assert with_twin.scaled_lr(stage) == pytest.approx(0.004 * batch / 128), stage.name
+    mine, fitted = build_recipe(parse_args([name, "--dataset", dataset, "--batch-size", "32"]))
+    assert mine.batch_size == 32 and "batch_size" not in fitted
+    for stage in mine.stages:
+        assert mine.scaled_lr(stage) == pytest.approx(recipe.scaled_lr(stage) * 32 / batch)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_demo_works_with_every_recipe(name):
+    """--demo: the embedded set at its measured batch, about six epochs shared by the stages
+    that train, an export, and an output directory of the recipe's own."""
+    args = parse_args([name, "--demo"])
+    recipe, _ = build_recipe(args)
+    training = [s for s in recipe.stages if not s.train_only_batchnorm]
+    assert recipe.dataset == "fashion_mnist_embedded" and recipe.batch_size == 64
+    assert args.export and {s.epochs for s in training} == {max(1, 6 // len(training))}
+    assert args.output_dir == ("runs/demo" if name == "r18_adam" else f"runs/demo_{name}")
+    mine = parse_args([name, "--demo", "--epochs", "1", "--batch-size", "16"])
+    recipe, _ = build_recipe(mine)
+    assert recipe.batch_size == 16 and {s.epochs for s in recipe.stages} == {1}
 
 
 def test_options_on_the_command_line_win_over_the_small_image_settings():

@@ -14,16 +14,25 @@ import argparse
 import os
 import sys
 
-# `make demo`: the binary R18 on the embedded Fashion-MNIST subset in a few CPU minutes.
-# Its learning rate, augmentation and padding are the small-image settings every recipe
-# takes on such data (Recipe.fit_to_data).
-DEMO = dict(
-    dataset="fashion_mnist_embedded",
-    epochs=6,
-    batch_size=64,
-    output_dir=os.path.join("runs", "demo"),
-    export=True,
-)
+# `--demo` (`make demo` runs r18_adam with it): the embedded Fashion-MNIST subset, about six
+# epochs of training in all, shared by the stages that train (r18_adam: one stage of 6;
+# r18_react: twin, step 1 and step 2 of 2 each; the paper pipeline: 1 each), then the export.
+# The batch, learning rate, augmentation and padding are the small-image settings every
+# recipe takes on such data (Recipe.fit_to_data).
+DEMO_DATASET = "fashion_mnist_embedded"
+DEMO_EPOCHS = 6
+
+
+def demo_settings(recipe):
+    """The options `--demo` sets for `recipe` (options given on the command line win)."""
+    training = [s for s in recipe.stages if not s.train_only_batchnorm]
+    return dict(
+        dataset=DEMO_DATASET,
+        epochs=max(1, DEMO_EPOCHS // len(training)),
+        output_dir=os.path.join("runs", "demo" if recipe.name == "r18_adam"
+                                else f"demo_{recipe.name}"),
+        export=True,
+    )
 
 
 def parse_args(argv):
@@ -35,8 +44,9 @@ def parse_args(argv):
     p.add_argument("recipe", nargs="?", help="recipe name (see --list)")
     p.add_argument("--list", action="store_true", help="print the recipes, one line each")
     p.add_argument("--demo", action="store_true",
-                   help="the demo setting: embedded Fashion-MNIST, 6 epochs, batch 64, export; "
-                        "other options still override it")
+                   help="the demo setting for any recipe: embedded Fashion-MNIST, about 6 "
+                        "epochs shared by the stages, export; output in runs/demo (r18_adam) "
+                        "or runs/demo_RECIPE; other options still override it")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", help="imagenet2012, folder, fashion_mnist, fashion_mnist_embedded")
     data.add_argument("--data-dir", help="TFDS data dir, the folder tree, or the IDX files' folder")
@@ -138,8 +148,9 @@ def build_recipe(args):
     from bireal_tf.recipes.recipe import get_recipe
 
     recipe = get_recipe(args.recipe)
-    if args.demo:
-        for key, value in DEMO.items():
+    if args.demo:  # the stages it shares its epochs with include a --teacher twin's
+        staged = recipe if args.teacher is None else recipe.with_teacher(args.teacher)
+        for key, value in demo_settings(staged).items():
             if getattr(args, key, None) in (None, False):
                 setattr(args, key, value)
     recipe, fitted = recipe.fit_to_data(args.dataset, args.image_size)
@@ -149,6 +160,9 @@ def build_recipe(args):
         lr = args.lr * recipe.base_batch_size / batch
     given = {name: getattr(args, name) for name in CLI_OVERRIDES}
     recipe = recipe.with_overrides(stage=None, lr=lr, **given)
+    # What the small-image settings decided: an option given on the command line won.
+    fitted = {key: value for key, value in fitted.items()
+              if getattr(args, key, None) is None}
     return recipe, fitted
 
 
