@@ -10,7 +10,8 @@ import tensorflow as tf
 from bireal_tf.models import batchnorm_layers
 from bireal_tf.recipes import get_recipe
 from bireal_tf.recipes.batchnorm import reestimate_batchnorm
-from bireal_tf.recipes.loop import Trainer
+from bireal_tf.recipes.loop import Trainer, TrainOptions
+from bireal_tf.recipes.run_data import RunData
 from tests.conftest import cli_env
 
 
@@ -89,8 +90,8 @@ def test_a_stage_validates_and_saves_the_network_with_its_statistics_re_estimate
             self.stats = [b.moving_mean.numpy() for b in batchnorm_layers(self.model)]
 
     seen = SeenByValidation()
-    trainer = Trainer(recipe, str(tmp_path / "run"), limit_train=64, limit_eval=16,
-                      verbose=0, callbacks=[seen])
+    options = TrainOptions(limit_train=64, limit_eval=16, verbose=0)
+    trainer = Trainer(recipe, str(tmp_path / "run"), options, callbacks=[seen])
     summary = trainer.run()
     model = tf.keras.models.load_model(summary["model"])
     layers = batchnorm_layers(model)
@@ -98,7 +99,7 @@ def test_a_stage_validates_and_saves_the_network_with_its_statistics_re_estimate
     for (mean, _), at_validation in zip(saved, seen.stats):
         np.testing.assert_array_equal(mean, at_validation)
 
-    images, steps = trainer.batchnorm_images(0, recipe.stages[0])
+    images, steps = RunData(recipe, options).batchnorm_images(0, recipe.stages[0])
     assert steps == 64 // 16
     reestimate_batchnorm(model, images, steps)
     for (mean, var), bn in zip(saved, layers):

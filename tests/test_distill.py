@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from bireal_tf.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
 from bireal_tf.models import BiRealNet18, binary_conv_layers
-from bireal_tf.recipes import Trainer, get_recipe, make_optimizer, train_recipe
+from bireal_tf.recipes import Trainer, TrainOptions, get_recipe, make_optimizer, train_recipe
 from bireal_tf.recipes.distill import Distiller, TeacherError, TeacherInput, load_teacher
 from bireal_tf.recipes.loop import compile_for_stage
 
@@ -250,8 +250,9 @@ def react_run(out, stop=None):
     recipe = recipe.with_overrides(stage="step2", epochs=2)
     starts = StartingWeights()
     callbacks = [starts] + ([stop] if stop else [])
-    trainer = Trainer(recipe, out, limit_train=64, limit_eval=32, verbose=1, validate=False,
-                      deterministic=True, callbacks=callbacks)
+    options = TrainOptions(limit_train=64, limit_eval=32, verbose=1, validate=False,
+                           deterministic=True)
+    trainer = Trainer(recipe, out, options, callbacks)
     return trainer, starts
 
 

@@ -40,6 +40,7 @@ from bireal_tf.export.safety import probe_interpreter
 from bireal_tf.models import larq_zoo
 from bireal_tf.models.larq_zoo import MAX_NUMBERS, assign_larq_zoo_weights
 from bireal_tf.recipes import Trainer, get_recipe
+from bireal_tf.recipes.rundir import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "fashion_mnist_embedded"  # 32x32x3, 10 classes
@@ -396,7 +397,7 @@ def test_a_model_with_a_lambda_layer_is_refused_and_its_code_never_runs(lambda_m
     trainer = Trainer(get_recipe("r18_adam"), str(paths[name].parent / "run"))
     if name == "model.keras":
         with pytest.raises(ModelFileError, match="Lambda layer"):
-            trainer._load_initial_weights(None, str(paths[name]))
+            trainer.load_initial_weights(None, str(paths[name]))
     assert not marker.exists()
     # Keras' own legacy reader runs the code: the refusal above is ours.
     if name == "model.h5":
@@ -554,9 +555,7 @@ def test_overwrite_keeps_the_workers_folders(tmp_path):
     (out / "metrics.csv").write_text("old")
     (out / "stale-worker-file").write_text("a file, not a worker's folder")
 
-    trainer = Trainer(get_recipe("r18_adam"), str(out), overwrite=True)
-    trainer.write_dir = str(out)  # the chief writes the output directory itself
-    trainer._claim_output_dir()
+    RunDirectory.for_worker(str(out), is_chief=True).claim(get_recipe("r18_adam"), overwrite=True)
 
     assert sorted(p.name for p in out.iterdir()) == ["run.json", "worker-1"]
     assert json.loads((out / "run.json").read_text())["recipe"] == "r18_adam"

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from bireal_tf.models import binary_conv_layers
-from bireal_tf.recipes import Trainer, TrainingError, RunDirError, get_recipe
+from bireal_tf.recipes import Trainer, TrainingError, TrainOptions, RunDirError, get_recipe
 from bireal_tf.recipes import train_recipe
 from bireal_tf.recipes.recipe import learning_rate_schedule, make_optimizer
 
@@ -118,7 +118,7 @@ def test_bn_retrain_starts_from_the_binary_model_it_loads(tmp_path):
     path = str(tmp_path / "binary.keras")
     binary.save(path)
     retrain = trainer.build_model(recipe.stage("bn_retrain"), 10, 32)
-    trainer._load_initial_weights(retrain, path)
+    trainer.load_initial_weights(retrain, path)
     x = rng.uniform(0, 1, (8, 32, 32, 3)).astype("float32")
     logits = [tf.keras.Model(m.input, m.get_layer("fc").output)(x, training=False).numpy()
               for m in (binary, retrain)]
@@ -196,7 +196,7 @@ def test_unknown_recipe_and_stage_list_the_valid_names():
     with pytest.raises(ValueError, match="relu, leaky_clip, clip, binary, bn_retrain"):
         get_recipe("r18_paper").stage("sign")
     with pytest.raises(ValueError, match="valid stages"):
-        Trainer(get_recipe("r18_paper"), "out", start_stage="warmup")
+        Trainer(get_recipe("r18_paper"), "out", TrainOptions(start_stage="warmup"))
 
 
 def test_output_dir_of_another_recipe_is_refused(tmp_path):
@@ -266,7 +266,7 @@ def test_steps_per_execution_runs_the_same_steps(tmp_path):
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="steps_per_execution"):
-        Trainer(recipe, str(tmp_path / "bad"), steps_per_execution=0)
+        TrainOptions(steps_per_execution=0)
 
 
 # --- the loop, end to end --------------------------------------------------------------
@@ -277,8 +277,8 @@ class RecordingTrainer(Trainer):
 
     initial = []
 
-    def _load_initial_weights(self, model, path):
-        super()._load_initial_weights(model, path)
+    def load_initial_weights(self, model, path):
+        super().load_initial_weights(model, path)
         self.initial.append((path, model, [w.numpy() for w in model.weights]))
 
 
@@ -286,7 +286,7 @@ class RecordingTrainer(Trainer):
 def test_paper_pipeline_runs_all_five_stages(tmp_path):
     out = str(tmp_path / "paper")
     recipe = get_recipe("r18_paper").with_overrides(epochs=1, **TINY)
-    trainer = RecordingTrainer(recipe, out, limit_train=64, limit_eval=32, verbose=0)
+    trainer = RecordingTrainer(recipe, out, TrainOptions(limit_train=64, limit_eval=32, verbose=0))
     summary = trainer.run()
 
     stages = sorted(os.listdir(os.path.join(out, "stages")))

@@ -10,6 +10,7 @@ from bireal_tf.recipes.loop import (
     RunDirError,
     Trainer,
     TrainingError,
+    TrainOptions,
     make_strategy,
     train_recipe,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Stage",
     "Trainer",
     "TrainingError",
+    "TrainOptions",
     "get_recipe",
     "learning_rate_schedule",
     "make_optimizer",

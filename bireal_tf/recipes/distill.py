@@ -25,6 +25,7 @@ import os
 import tensorflow as tf
 
 from bireal_tf.quantizers import custom_objects
+from bireal_tf.recipes.errors import TrainingError
 
 
 class TeacherError(ValueError):
@@ -171,4 +172,56 @@ class Distiller(tf.keras.Model):
         return self.compute_metrics(images, labels, predictions, None)
 
 
-__all__ = ["Distiller", "TeacherError", "TeacherInput", "load_teacher"]
+class TeacherChain:
+    """Which teacher each stage of a run learns from, each loaded once per run.
+
+    A stage that distills learns from the recipe's teacher file, or (`teacher="twin"`)
+    from the model of the last stage before it that teaches, once that stage is done:
+    a resumed run finds it on disk and does not train it again.
+    """
+
+    def __init__(self, recipe, run_dir, strategy):
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.strategy = strategy
+        self._loaded = {}  # path -> the teacher built in the strategy's scope
+
+    def path_before(self, index):
+        """The teacher that stage `index` would learn from: a file, or None when it is the
+        twin's and the twin is not trained (yet) in this run."""
+        if self.recipe.teacher is None:
+            return None
+        if self.recipe.teacher != "twin":
+            return self.recipe.teacher
+        teaching = [i for i, s in enumerate(self.recipe.stages[:index]) if s.teaches]
+        if teaching:
+            path = self.run_dir.stage_model(teaching[-1], self.recipe.stages[teaching[-1]])
+            if os.path.exists(path):
+                return path
+        return None
+
+    def for_stage(self, index):
+        """The teacher path of stage `index`, None if it learns from labels; refuses a stage
+        that distills from a twin this run has not trained."""
+        stage = self.recipe.stages[index]
+        if not self.recipe.distills(stage):
+            return None
+        path = self.path_before(index)
+        if path is None:
+            raise TrainingError(
+                f"Stage {stage.name} distills from the twin, which is not trained in "
+                f"{self.run_dir.path}: start from stage {self.recipe.stages[0].name}, or give a "
+                "trained teacher with --teacher PATH.")
+        return path
+
+    def model(self, path, spec):
+        """The teacher in `path` for data like `spec`'s."""
+        if path not in self._loaded:
+            with self.strategy.scope():
+                self._loaded[path] = load_teacher(
+                    path, num_classes=spec.num_classes, image_size=spec.image_size,
+                    mean=spec.mean, std=spec.std, teacher_input=self.recipe.teacher_input)
+        return self._loaded[path]
+
+
+__all__ = ["Distiller", "TeacherChain", "TeacherError", "TeacherInput", "load_teacher"]
