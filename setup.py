@@ -1,8 +1,8 @@
 """Packaging for bireal_tf: Bi-Real Net on Larq, from training to a verified LCE .tflite."""
 from setuptools import find_packages, setup
 
-# Pins follow DESIGN.md: LCE 0.16 is built on TF 2.16; Larq needs Keras 2 (tf-keras)
-# and numpy < 2; larq-zoo 2.4 pins protobuf < 3.21.
+# Pins (docs/design.md, "The pinned stack"): LCE 0.16 is built on TF 2.16; Larq needs
+# Keras 2 (tf-keras) and numpy < 2; larq-zoo 2.4 pins protobuf < 3.21.
 INSTALL_REQUIRES = [
     "tensorflow==2.16.2",
     "tf-keras==2.16.0",

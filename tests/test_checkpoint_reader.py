@@ -3,8 +3,9 @@
 - Files torch wrote (tests/fixtures, both formats) read as torch wrote them.
 - The tests' writers (tests/torch_files.py) write torch's bytes, so full-size checkpoints
   are made here: a legacy-format Bi-Real-18 loads with from_pytorch.
-- Hostile files, each built here from bytes: the cases of issue 20 and those found while
-  fixing them. Each gives one CheckpointError line naming the file, within a memory bound.
+- Hostile files, each built here from bytes: five that used to end in a raw exception,
+  and those found while fixing them. Each gives one CheckpointError line naming the file,
+  within a memory bound.
 - Fuzzing (Hypothesis) of the committed fixtures: bytes, zip entries, pickle opcodes and
   the integers in them (sizes, strides, offsets, element counts).
 """
@@ -279,7 +280,7 @@ def test_legacy_bireal18_checkpoint_loads_every_tensor_into_its_layer(tmp_path):
         np.testing.assert_array_equal(value, state[key], err_msg=key)
 
 
-# --- hostile files: issue 20's cases, and those found while fixing them -----------------------
+# --- hostile files: five that used to raise raw exceptions, and those found while fixing them ---
 
 ONE_FLOAT = np.ones(1, np.float32)
 
@@ -305,7 +306,7 @@ def test_compressed_storage_is_refused_before_inflating(tmp_path):
                   r"uncompressed")
 
 
-ISSUE_CASES = {  # issue 20's five raw exceptions: name -> (object, expected message)
+ISSUE_CASES = {  # five files that used to raise raw exceptions: name -> (object, expected message)
     "calls a storage type": ({"w": Call(Global("torch", "FloatStorage"), (4,))},
                              r"its pickle calls torch\.FloatStorage"),
     "element count is a string": ({"w": Tensor(Storage(np.ones(3, np.float32), numel="3"),

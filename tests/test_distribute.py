@@ -151,7 +151,8 @@ def free_port():
 
 @pytest.mark.slow
 def test_two_workers_share_one_output_dir_and_train_as_one_device_does(runs):
-    """The README's layout: one output dir, the chief writes it, worker 1 writes worker-1/ in it.
+    """The documented layout (docs/training.md): one output dir, the chief writes it,
+    worker 1 writes worker-1/ in it.
 
     Worker 1 made its directory first (as it may, racing the chief): the chief still takes
     the directory. Each worker reads its own half of every global batch, as the two

@@ -44,7 +44,7 @@ from tests.lce_utils import op_histogram
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA_DOC = REPO / "docs" / "export_report_schema.md"
 BINARY_CONVS = {18: 16, 34: 32, 50: 47}
-# README: "Every .tflite (18/34/50) is within 0.3% of its size floor."
+# docs/deploy.md: every .tflite (18/34/50) is within 0.3% of its size floor.
 FLOOR_TOLERANCE = 0.003
 # bfloat16 vs float32 logits of the tiny model, measured: max |difference| 0.010-0.038 over
 # 5 input seeds (logits up to 0.74): 8 bits of mantissa, and a sign near zero may flip.
@@ -476,7 +476,7 @@ def test_cli_exports_a_saved_h5_model_and_writes_the_report(tmp_path):
 
 @pytest.mark.slow  # two CLI conversions: ~30 s
 def test_cli_refuses_with_exit_code_1_and_allow_mismatch_exports(tmp_path):
-    """README: the export refuses with the reason (exit code 1) and writes nothing."""
+    """docs/deploy.md: the export refuses with the reason (exit code 1) and writes nothing."""
     tiny_binary_model(size=2, pad_values=0.0, name="small").save(tmp_path / "small.keras")
     out, report = tmp_path / "small.tflite", tmp_path / "report.json"
     done = _cli(tmp_path / "small.keras", "-o", out, "--report", report, "--no-benchmark",

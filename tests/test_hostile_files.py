@@ -1,4 +1,4 @@
-"""Hostile and corrupt user files (issue 20): a clear error, bounded memory, never a dead process.
+"""Hostile and corrupt user files: a clear error, bounded memory, never a dead process.
 
 - .tflite: a flatbuffer that kills TFLite's interpreter (SIGSEGV) is refused by the
   project's readers, which try it in a child process first (bireal_tf.export.safety);
@@ -284,7 +284,7 @@ def test_a_tflite_that_crashes_the_bare_interpreter_gets_a_clear_error(cli_outco
     with pytest.raises(ModelFileError) as err:
         read_flatbuffer_file(path)
     assert expected in str(err.value) and str(path) in str(err.value), str(err.value)
-    # The issue's case: `python -m bireal_tf.evaluate` died with exit 139, printing nothing.
+    # Before these checks `python -m bireal_tf.evaluate` died here: exit 139, printing nothing.
     assert outcome["exit"] == 2 and len(outcome["errors"]) == 1, outcome
     assert expected in outcome["errors"][0] and outcome["read"].startswith("ModelFileError")
 

@@ -1,4 +1,4 @@
-"""int8 for the layers that are not binary (issue 12): a tiny QAT run -> int8 export.
+"""int8 for the layers that are not binary: a tiny QAT run -> int8 export.
 
 Real training, real LCE conversion, real interpreter. The op types are read from
 the flatbuffer by tests/lce_utils.py's parser (independent of the package's).

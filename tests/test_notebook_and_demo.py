@@ -29,7 +29,7 @@ def test_quickstart_notebook_runs_to_the_end(tmp_path):
 @pytest.mark.slow
 def test_demo_reaches_80_percent_and_its_tflite_matches_keras(tmp_path):
     """The exact `make demo` command (but for the output dir); then its portable file
-    (issue 19): no custom op, top-1 = the LCE file's on >= 99.9% of the 2,000 test images
+    (stock LiteRT): no custom op, top-1 = the LCE file's on >= 99.9% of the 2,000 test images
     through ai-edge-litert, and its accuracy from `evaluate`."""
     out = tmp_path / "demo"
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)

@@ -1,4 +1,4 @@
-"""The portable export (issue 19): builtin ops only, run by stock LiteRT, and its predictor.
+"""The portable export: builtin ops only, run by stock LiteRT, and its predictor.
 
 One small image model (32x32x3, 10 classes: Fashion-MNIST's shape) is exported once per
 module; it has binary convs reading the raw input (exact zeros reach the sign), with
@@ -310,10 +310,10 @@ def test_evaluate_accepts_a_portable_file_and_gives_the_keras_accuracy(exported)
 
 @pytest.mark.slow
 def test_a_trained_models_portable_file_agrees_with_its_lce_file_on_the_test_set(tmp_path):
-    """The issue's acceptance check on a model trained here (the demo R18 takes ~6 CPU minutes
-    on an idle machine; this smaller binary net trains in seconds): no custom op, top-1
-    agreement >= 0.999 with the LCE file over all 2,000 embedded test images, and the accuracy
-    from `evaluate` equal to the Keras model's."""
+    """The portable export's acceptance check on a model trained here (the demo R18 takes
+    ~6 CPU minutes on an idle machine; this smaller binary net trains in seconds): no custom
+    op, top-1 agreement >= 0.999 with the LCE file over all 2,000 embedded test images, and
+    the accuracy from `evaluate` equal to the Keras model's."""
     from bireal_tf.data import load_dataset
     from bireal_tf.export.runtime import TFLiteRunner
 

@@ -1,4 +1,4 @@
-"""ReActNet on the Bi-Real structure (issue 18): the network against ReActNet's code, its checkpoints in.
+"""ReActNet on the Bi-Real structure: the network against ReActNet's code, its checkpoints in.
 
 ReActNet (Liu et al., ECCV 2020; github.com/liuzechun/ReActNet, resnet/2_step2/birealnet.py)
 adds to each Bi-Real block a learnable shift before the sign (`move0`) and, after the

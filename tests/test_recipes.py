@@ -127,7 +127,7 @@ def test_bn_retrain_starts_from_the_binary_model_it_loads(tmp_path):
 
 def test_bn_retrain_takes_the_augmentation_override_but_keeps_its_lr_and_epoch():
     """The retrain re-estimates BatchNorm on training images: they must be augmented as
-    the other stages' were (issue 13: 'paper' there after 'none' elsewhere raised the
+    the other stages' were ('paper' there after 'none' elsewhere raised the
     loss of the same model from 1.59 to 2.16 on an embedded-subset batch, measured)."""
     base = get_recipe("r18_paper")
     recipe = base.with_overrides(augmentation="none", epochs=3, lr=0.5)

@@ -1,4 +1,4 @@
-"""The package's structure (issue 17): imports form no circle and never climb back up.
+"""The package's structure: imports form no circle and never climb back up.
 
 Every `import` and `from ... import` of the package is read with `ast`, including
 the ones inside functions (a lazy import is still a dependency). A module depends

@@ -1,4 +1,4 @@
-"""`python -m bireal_tf.recipes.train`: errors, the README's options, kill and resume.
+"""`python -m bireal_tf.recipes.train`: errors, the documented options, kill and resume.
 
 Distributed runs are in test_distribute.py.
 """
@@ -154,7 +154,7 @@ def test_killed_run_resumes_after_its_last_checkpoint(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-# --- the README's options --------------------------------------------------------------
+# --- the documented options (docs/training.md) ------------------------------------------
 
 
 @pytest.mark.slow  # two CLI runs: ~30 s

@@ -5,7 +5,8 @@ All transforms take one uint8 image [H, W, C] (C = 1 or 3) and return float32
 works unchanged. Values are put on the [0, 1] scale first (as torchvision's
 ToTensor does), transformed, then normalised per channel, x' = (x - mean) / std.
 
-Three modes, from DESIGN.md ("Recipes"), with ratio r = 256/224 = 8/7:
+Three modes, from the papers and the authors' code (docs/design.md, "Recipe
+hyper-parameters"), with ratio r = 256/224 = 8/7:
 
 - "none" (evaluation): resize the shorter side to round(r*S), take the central
   S x S crop.
