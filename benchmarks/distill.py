@@ -8,7 +8,7 @@ loaded by `load_teacher`, as `--teacher PATH` loads it. Teachers:
 
 - "twin": the student's real-valued twin (ReLU, the same network), what `--teacher twin` trains;
 - "resnet50": Keras Applications' ResNet50 (weights=None: the cost does not depend on the
-  values), through the caffe input conversion, the ImageNet teacher the README suggests
+  values), through the caffe input conversion, the ImageNet teacher docs/training.md suggests
   in place of ReActNet's torchvision ResNet-34.
 
 Each group (size, batch, classes) runs its cases in one round robin;

@@ -1,4 +1,4 @@
-"""float32 or mixed_bfloat16 for training: test accuracy over seeds, and speed (issue 10).
+"""float32 or mixed_bfloat16 for training: test accuracy over seeds, and speed.
 
     python -m benchmarks.precision_accuracy --data-dir DIR [--runs-dir runs/precision]
         [--epochs 2] [--seeds 1 2 3]

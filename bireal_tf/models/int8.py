@@ -1,4 +1,4 @@
-"""int8 for the layers that are not binary: the quantization-aware training model (issue 12).
+"""int8 for the layers that are not binary: the quantization-aware training model.
 
 A model transform, not an export step: training needs it (`bireal_tf.recipes.int8`),
 and `bireal_tf.export` only converts and checks what it produces.

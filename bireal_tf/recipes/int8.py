@@ -1,4 +1,4 @@
-"""The int8 finetune (issue 12): quantization-aware training of a trained Bi-Real Net.
+"""The int8 finetune: quantization-aware training of a trained Bi-Real Net.
 
     from bireal_tf.recipes.int8 import finetune_int8
     qmodel = finetune_int8(model, train_spec.dataset, epochs=1)

@@ -1,6 +1,6 @@
 """Training recipes: small dataclasses of hyper-parameters and the stages they run.
 
-Three families, with the authors' numbers (DESIGN.md, "Recipes"):
+Three families, with the authors' numbers (docs/design.md, "Recipes"):
 
 * `rNN_adam`: Adam from scratch, as the authors' 2019 PyTorch code. lr 0.001 at
   batch 512 (R50: 0.0005 at 256), decayed linearly to 0 over 256 epochs, no
@@ -212,12 +212,12 @@ class Recipe:
         else to every stage but the BatchNorm retrain (which stays one epoch), except
         `augmentation`, which goes to it too: the retrain re-estimates BatchNorm on the
         training images, so they must look like those the network was trained on
-        (issue 13: 'none' everywhere but 'paper' there cost 2.6 points, loss 0.56 -> 2.19).
+        (measured: 'none' everywhere but 'paper' there cost 2.6 points, loss 0.56 -> 2.19).
 
         A new `epochs` without new `milestones` moves a step schedule's milestones in
         proportion (90 epochs x0.1 at 30 and 60 -> 3 epochs x0.1 at 1 and 2), so a short
         run still decays as the full one does. Kept in place, milestones beyond a short
-        run never fire: issue 13's 2-epoch stages ran at the full lr and ended at 100x the
+        run never fire: 2-epoch stages then ran at the full lr and ended at 100x the
         lr the BatchNorm retrain assumes.
         """
         stage_fields = {f.name for f in dataclasses.fields(Stage)} - {"name"}
