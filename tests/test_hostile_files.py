@@ -281,7 +281,7 @@ def test_a_tflite_that_crashes_the_bare_interpreter_gets_a_clear_error(cli_outco
 
     if broken == "value":  # well-formed: the interpreter dies in a child, not here
         verify_flatbuffer(path.read_bytes())
-    else:  # refused before any interpreter sees it
+    else:  # refused before an interpreter in this process sees it
         with pytest.raises(UnsafeFlatbuffer, match="verifier refuses it|root width"):
             verify_flatbuffer(path.read_bytes())
     with pytest.raises(ModelFileError) as err:
