@@ -396,7 +396,7 @@ def _load(model):
         f"model must be a Keras model or the path of a saved one, got {type(model).__name__}.")
 
 
-def _new_job(model, out_path, source, keras_precision, **options) -> ExportJob:
+def _new_job(model, out_path, source, keras_precision, allowed: Allowed, **options) -> ExportJob:
     """The ExportJob of a float32 model; refuses (unless allowed) a model without binary convs."""
     from bireal_tf.models import binary_conv_layers
 
@@ -406,11 +406,12 @@ def _new_job(model, out_path, source, keras_precision, **options) -> ExportJob:
         message = (f"Model '{model.name}' has no Larq binary conv (a QuantConv2D with both an "
                    "input_quantizer and a kernel_quantizer), so LCE would produce a float model "
                    "with no LceBconv2d. Build the binary network (activation='binary').")
-        _refuse_unless(options["allowed"].float_convs, "allow_float_convs", message, report_warnings)
+        _refuse_unless(allowed.float_convs, "allow_float_convs", message, report_warnings)
     hazards = ", ".join(f"{name} (input {h}x{w}, kernel {kh}x{kw})"
                         for name, (h, w), (kh, kw) in lce_zero_padding_hazards(model))
     return ExportJob(model, out_path, source, keras_precision, layers,
-                     bool(fake_quant_layers(model)), hazards, warnings=report_warnings, **options)
+                     bool(fake_quant_layers(model)), hazards, allowed=allowed,
+                     warnings=report_warnings, **options)
 
 
 # --- target "lce" ----------------------------------------------------------------------------
