@@ -1,9 +1,10 @@
 """The TFLite schema, read through one module: the copy LiteRT (`ai_edge_litert`) ships.
 
 LiteRT's generated reader (`schema_py_generated`) and TFLite's `flatbuffer_utils`
-come without TensorFlow, so the exporter, the evaluation and the device-side
-predictor all read a .tflite the same way. Every other module of bireal_tf that
-reads or writes a flatbuffer goes through here.
+come without TensorFlow, so the same copy serves the exporter and the TF-free
+predictor (`predict.py`, copied beside a model, imports it itself for the file
+identifier). Every other module of bireal_tf that reads or writes a flatbuffer goes
+through here.
 
 A file is read into the schema's object API (`ModelT`: plain Python objects, the
 constant buffers as numpy views), which the portable lowering also edits and
