@@ -154,7 +154,10 @@ def _verify_custom_options(data: bytes):
     The file's own structure must be verified first."""
     from bireal_tf.export.schema import read_model, text
 
-    model = read_model(data)
+    try:
+        model = read_model(data)
+    except Exception as err:  # the reader raises assorted errors on garbage
+        raise UnsafeFlatbuffer(f"the schema's reader cannot read it ({type(err).__name__})") from err
     lce = {i for i, code in enumerate(model.operatorCodes or []) if text(code.customCode).startswith("Lce")}
     for g, graph in enumerate(model.subgraphs or []):
         for o, op in enumerate(graph.operators or []):
