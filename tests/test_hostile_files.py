@@ -28,13 +28,12 @@ import larq as lq
 import numpy as np
 import pytest
 import tensorflow as tf
-from larq_compute_engine.mlir.python import tflite_schema as schema
 
 from bireal_tf import quantizers
 from bireal_tf.evaluate import evaluate
 from bireal_tf.export import ModelFileError, read_flatbuffer_file
 from bireal_tf.export.convert import convert
-from bireal_tf.export.flatbuffer import TFLiteGraph
+from bireal_tf.export.schema import schema
 from bireal_tf.export.safety import UnsafeFlatbuffer, verify_flatbuffer
 from bireal_tf.export.safety import probe_interpreter
 from bireal_tf.models import larq_zoo
@@ -96,15 +95,20 @@ def tflite(tmp_path_factory):
     return path
 
 
+def root(flatbuffer: bytes):
+    """The schema's reader at the root of the file, for finding the bytes to change."""
+    return schema.Model.GetRootAs(flatbuffer, 0)
+
+
 def quantization_pointing_away(flatbuffer: bytes) -> bytes:
     """The flatbuffer with one tensor's `quantization` offset pointing 2 GB past its table.
 
     A broken structure: TFLite reads every tensor's quantization while it builds the
-    interpreter, with no bounds check, and dies of SIGSEGV; the project's own parser
-    (TFLiteGraph) never reads that field. The fuzz search found it (one byte changed
+    interpreter, with no bounds check, and dies of SIGSEGV; the schema's reader opens the
+    file without reading that field. The fuzz search found it (one byte changed
     in this offset, or in the quantization table's vtable offset).
     """
-    subgraph = TFLiteGraph(flatbuffer).model.Subgraphs(0)
+    subgraph = root(flatbuffer).Subgraphs(0)
     for i in range(subgraph.TensorsLength()):
         table = subgraph.Tensors(i)._tab
         field = table.Offset(12)  # Tensor.quantization, the schema's 5th field
@@ -124,7 +128,7 @@ def max_pool_padding_3(flatbuffer: bytes) -> bytes:
     filter width (3) in the same table, as the fuzz search did with one byte (in 400
     one- and two-byte mutants the one crash that the structure check let through).
     """
-    model = TFLiteGraph(flatbuffer).model
+    model = root(flatbuffer)
     subgraph = model.Subgraphs(0)
     for i in range(subgraph.OperatorsLength()):
         op = subgraph.Operators(i)
@@ -146,7 +150,7 @@ def bconv_options_root_width_100(flatbuffer: bytes) -> bytes:
     value 100 bytes wide: LCE's op reads them when the interpreter is built, with no
     bounds check, and dies of SIGSEGV. Found by fuzzing the options' bytes (3 crashes
     in 150 mutants; the last byte of the options holds the root width)."""
-    model = TFLiteGraph(flatbuffer).model
+    model = root(flatbuffer)
     subgraph = model.Subgraphs(0)
     for i in range(subgraph.OperatorsLength()):
         op = subgraph.Operators(i)
@@ -161,7 +165,7 @@ def bconv_options_root_width_100(flatbuffer: bytes) -> bytes:
 CRASHERS = {  # how the file is broken: the mutation, what LCE's bare interpreter dies of,
     # when, and what the project's readers say
     "structure": (quantization_pointing_away, "SIGSEGV", "load",
-                  "is not a valid TFLite flatbuffer (QuantizationParameters table at byte"),
+                  "is not a valid TFLite flatbuffer (LiteRT's flatbuffer verifier refuses it"),
     "LCE options": (bconv_options_root_width_100, "SIGSEGV", "load",
                     "is not a valid TFLite flatbuffer (the options of operator"),
     "value": (max_pool_padding_3, "SIGABRT", "invoke",
@@ -271,15 +275,15 @@ def cli_outcomes(tflite, tmp_path_factory):
 def test_a_tflite_that_crashes_the_bare_interpreter_gets_a_clear_error(cli_outcomes, broken):
     path, outcome = cli_outcomes[0][broken]
     _, signal, stage, expected = CRASHERS[broken]
-    TFLiteGraph(path.read_bytes())  # the project's own parser finds nothing wrong
+    root(path.read_bytes()).Subgraphs(0).Tensors(0)  # it opens as a model
 
     bare = probe_interpreter(path.read_bytes())  # LCE's interpreter, unchecked, in a child
     assert bare.signal == signal and bare.stage == stage, bare
 
     if broken == "value":  # well-formed: the interpreter dies in a child, not here
         verify_flatbuffer(path.read_bytes())
-    else:  # refused before any interpreter sees it
-        with pytest.raises(UnsafeFlatbuffer, match="lies outside|root width"):
+    else:  # refused before an interpreter in this process sees it
+        with pytest.raises(UnsafeFlatbuffer, match="verifier refuses it|root width"):
             verify_flatbuffer(path.read_bytes())
     with pytest.raises(ModelFileError) as err:
         read_flatbuffer_file(path)
@@ -311,31 +315,48 @@ def test_fuzzed_tflite_files_end_in_a_result_or_a_clear_error_long_run(tflite, t
     assert kinds.get("result", 0) + kinds.get("interpreter error (probe)", 0) > 0
 
 
-def test_the_structure_check_follows_every_offset(tflite, monkeypatch):
-    from bireal_tf.export import safety
+def one_table_reached(flatbuffer: bytes, times: int) -> bytes:
+    """The flatbuffer with its buffer list replaced by `times` references to one empty
+    Buffer table (appended, sharing the vtable of the model's first buffer): a file of
+    4 bytes per reference that makes a verifier visit a table `times` times."""
+    model = root(flatbuffer)
+    first = model.Buffers(0)._tab.Pos
+    vtable = first - struct.unpack_from("<i", flatbuffer, first)[0]
+    data = bytearray(flatbuffer) + bytes(-len(flatbuffer) % 4)
+    vector = len(data)
+    table = vector + 4 + 4 * times
+    data += struct.pack("<I", times)
+    data += (table - (vector + 4 + 4 * np.arange(times, dtype=np.int64))).astype("<u4").tobytes()
+    data += struct.pack("<i", table - vtable)
+    field = model._tab.Pos + model._tab.Offset(12)  # Model.buffers
+    struct.pack_into("<I", data, field, vector - field)
+    return bytes(data)
 
+
+def test_the_structure_check_follows_every_offset(tflite):
     good = tflite.read_bytes()
     verify_flatbuffer(good)
-    tensor = TFLiteGraph(good).model.Subgraphs(0).Tensors(0)._tab
+    tensor = root(good).Subgraphs(0).Tensors(0)._tab
     quantization = tensor.Indirect(tensor.Pos + tensor.Offset(12))
+    refused = "LiteRT's flatbuffer verifier refuses it"
 
     # The fuzz run's find: a vtable offset that points before the file. A child process
     # read it and survived; the evaluating process read it and died (SIGSEGV).
     before = bytearray(good)
     struct.pack_into("<i", before, quantization, quantization + 9000)
-    with pytest.raises(UnsafeFlatbuffer, match=r"Parameters vtable at byte -9000 \(\+2\) lies outside"):
+    with pytest.raises(UnsafeFlatbuffer, match=refused):
         verify_flatbuffer(bytes(before))
     # A string whose length runs past the end.
     name = bytearray(good)
     struct.pack_into("<I", name, tensor.Pos + tensor.Offset(10) + struct.unpack_from(
         "<I", good, tensor.Pos + tensor.Offset(10))[0], 1 << 30)
-    with pytest.raises(UnsafeFlatbuffer, match=r"Tensor field 3 .* lies outside"):
+    with pytest.raises(UnsafeFlatbuffer, match=refused):
         verify_flatbuffer(bytes(name))
     # Shared tables count each time they are reached (a small file can reach one table
-    # billions of times); past the limit the file is refused.
-    monkeypatch.setattr(safety, "MAX_TABLES", 10)
-    with pytest.raises(UnsafeFlatbuffer, match="more than 10 tables"):
-        verify_flatbuffer(good)
+    # billions of times); past the verifier's limit of 1,000,000 tables the file is refused.
+    with pytest.raises(UnsafeFlatbuffer, match=refused):
+        verify_flatbuffer(one_table_reached(good, 1_000_001))
+    verify_flatbuffer(one_table_reached(good, 999_000))  # the model's own tables: < 1,000
 
 
 def test_the_probe_passes_a_good_file_and_reports_a_timeout(tflite, monkeypatch):
@@ -351,8 +372,8 @@ def test_the_probe_passes_a_good_file_and_reports_a_timeout(tflite, monkeypatch)
 
 def test_a_tflite_declaring_huge_tensors_is_refused_before_any_interpreter(tflite):
     data = bytearray(tflite.read_bytes())
-    graph = TFLiteGraph(bytes(data))
-    table = graph.model.Subgraphs(0).Tensors(graph.model.Subgraphs(0).InputsAsNumpy()[0])._tab
+    subgraph = root(bytes(data)).Subgraphs(0)
+    table = subgraph.Tensors(subgraph.InputsAsNumpy()[0])._tab
     shape = table.Vector(table.Offset(4))  # Tensor.shape: [1, 32, 32, 3]
     struct.pack_into("<i", data, shape, 1 << 30)  # batch 2^30: 12 TB of float32 input
     with pytest.raises(ModelFileError, match=r"declares 12,582,91\d MB of activation tensors"):

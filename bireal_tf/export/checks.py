@@ -21,8 +21,9 @@ from bireal_tf.export.runtime import TFLiteRunner
 from bireal_tf.models import batchnorm_layers, binary_conv_layers
 from bireal_tf.models.int8 import fake_quant_layers
 
-__all__ = ["ParitySettings", "batchnorm_cancellation", "compare_outputs", "float_binary_convs",
-           "int8_check", "lce_zero_padding_hazards", "sign_margins"]
+__all__ = ["ParitySettings", "batchnorm_affine", "batchnorm_cancellation", "compare_outputs",
+           "find_by_signs", "float_binary_convs", "int8_check", "kernel_signs",
+           "lce_zero_padding_hazards", "quantized_kernel", "sign_margins"]
 
 
 @dataclass(frozen=True)
@@ -52,37 +53,73 @@ class ParitySettings:
     int8_min_top1: float = 0.7
 
 
-def _agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over output channels of the sign agreement, up to a flip per channel
-    (BatchNorm folded into a float conv flips channels whose scale is negative)."""
-    same = (a == b).reshape(a.shape[0], -1).mean(axis=1)
-    return float(np.maximum(same, 1.0 - same).mean())
+def quantized_kernel(layer) -> np.ndarray:
+    """A Keras binary conv's kernel as its kernel quantizer gives it, float32 [kh, kw, c_in, c_out]
+    (a constant: no gradient tape)."""
+    import tensorflow as tf
+
+    return np.asarray(layer.kernel_quantizer(tf.constant(np.asarray(layer.kernel))), np.float32)
+
+
+def kernel_signs(layer) -> np.ndarray:
+    """The signs of a binary conv's binarized kernel in TFLite's filter layout [O, H, W, I],
+    True = -1: what a converted file keeps of the layer, whatever it did to the magnitudes."""
+    return np.transpose(quantized_kernel(layer) < 0, (3, 0, 1, 2))
+
+
+def find_by_signs(signs: dict, negative: np.ndarray, min_agreement: float = 1.0):
+    """(name, channels flipped) of the layer in `signs` ({name: kernel_signs}) whose sign pattern
+    a converted filter `negative` [O, H, W, I] (True = -1) has, or (None, 0).
+
+    A flip per output channel is allowed: BatchNorm folded into a conv flips the channels
+    whose scale is negative. `min_agreement` is the mean over channels of the share of
+    weights that agree (1.0: every weight, after the flip).
+    """
+    for name, wanted in signs.items():
+        if wanted.shape != negative.shape:
+            continue
+        same = (wanted == negative).reshape(len(wanted), -1).mean(axis=1)
+        if np.maximum(same, 1.0 - same).mean() >= min_agreement:
+            return name, int(np.sum(same < 0.5))
+    return None, 0
 
 
 def float_binary_convs(graph: TFLiteGraph, layers) -> dict:
     """{layer name: op it became or "?"} for the binary conv layers that are no LceBconv2d.
 
-    A layer is found by its weights: the signs of its kernel (those of its binarized
-    kernel), [O, H, W, I], against each LceBconv2d filter (bitpacked) and each float
-    CONV_2D filter.
+    A layer is found by its weights (`find_by_signs`): the signs of its binarized kernel
+    against each LceBconv2d filter (bitpacked) and each float CONV_2D filter. 1% of the
+    signs may differ: the point is which layer it is, not whether it is exact.
     """
-    signs = {layer.name: np.transpose(np.asarray(layer.kernel) < 0, (3, 0, 1, 2)) for layer in layers}
-    left = {name: "?" for name in signs}
+    left = {layer.name: kernel_signs(layer) for layer in layers}
+    became = {name: "?" for name in left}
     for op in graph.ops:
         data = graph.tensor_data(op.inputs[1]) if len(op.inputs) > 1 else None
         if op.name not in ("LceBconv2d", "CONV_2D") or data is None or data.ndim != 4:
             continue
-        for name, s in signs.items():
-            if name not in left or s.shape[:3] != data.shape[:3]:
-                continue
-            if op.name == "LceBconv2d" and math.ceil(s.shape[3] / 32) == data.shape[3]:
-                if _agreement(s, unpack_bconv_filter(data, s.shape[3])) >= 0.99:
-                    del left[name]
-                    break
-            elif op.name == "CONV_2D" and s.shape == data.shape and _agreement(s, data < 0) >= 0.99:
-                left[name] = op.name
-                break
-    return left
+        if op.name == "LceBconv2d":
+            name = _find_bitpacked(left, data)
+        else:
+            name, _ = find_by_signs(left, data < 0, min_agreement=0.99)
+        if name is None:
+            continue
+        del left[name]
+        if op.name == "LceBconv2d":
+            del became[name]
+        else:
+            became[name] = op.name
+    return became
+
+
+def _find_bitpacked(signs: dict, words: np.ndarray):
+    """The layer in `signs` whose pattern an LceBconv2d filter (32 input channels per word) has,
+    or None; each input channel count that packs into as many words is tried."""
+    for in_channels in sorted({s.shape[3] for s in signs.values()}):
+        if math.ceil(in_channels / 32) == words.shape[3]:
+            name, _ = find_by_signs(signs, unpack_bconv_filter(words, in_channels), min_agreement=0.99)
+            if name is not None:
+                return name
+    return None
 
 
 def lce_zero_padding_hazards(model) -> list:
@@ -127,6 +164,16 @@ def sign_margins(model, x, batch=4) -> np.ndarray | None:
         per_layer = [np.abs(np.asarray(v)).reshape(len(v), -1) for v in tf.nest.flatten(outs)]
         margins.append(np.min([a.min(1) / np.maximum(a.max(1), 1e-30) for a in per_layer], axis=0))
     return np.concatenate(margins)
+
+
+def batchnorm_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) with BN(y) = s y + t in inference, per channel, in float32, from the layer's
+    attributes (gamma and beta only when it has them: `scale`, `center`)."""
+    mean = np.asarray(bn.moving_mean, np.float32)
+    gamma = np.asarray(bn.gamma, np.float32) if bn.scale else np.ones_like(mean)
+    beta = np.asarray(bn.beta, np.float32) if bn.center else np.zeros_like(mean)
+    s = gamma / np.sqrt(np.asarray(bn.moving_variance, np.float32) + bn.epsilon)
+    return s.astype(np.float32), (beta - mean * s).astype(np.float32)
 
 
 def batchnorm_cancellation(model) -> float:

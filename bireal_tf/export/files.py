@@ -125,8 +125,8 @@ def check_tflite(flatbuffer: bytes, source: str = "<in-memory .tflite>", *,
     Every path that hands bytes to a TFLite interpreter here calls it (through
     `read_flatbuffer_file` and `TFLiteRunner`). In order:
 
-    1. every offset in the flatbuffer stays inside it (`safety.verify_flatbuffer`), and
-       it parses as a model (`TFLiteGraph`);
+    1. its structure passes LiteRT's flatbuffer verifier, and the options of its LCE ops
+       stay inside them (`safety.verify_flatbuffer`); it parses as a model (`TFLiteGraph`);
     2. its activation tensors declare at most the memory limit in total
        (`safety.memory_limit_bytes()`, $BIREAL_TF_TFLITE_MEMORY_MB, default 2048 MB);
     3. LCE's interpreter, in a child process capped at that memory, loads it and runs it

@@ -1,21 +1,19 @@
 """Read a TFLite / LCE flatbuffer: its ops, its I/O tensors and the weights of its convs.
 
-Parsing uses the schema LCE ships (`larq_compute_engine.mlir.python.tflite_schema`).
-Builtin ops are named by the `BuiltinOperator` enum (`CONV_2D`, `ADD`, ...), custom
-ops by their `customCode` (`LceBconv2d`, `LceQuantize`, `LceDequantize`).
+Parsing goes through `bireal_tf.export.schema` (LiteRT's copy of the schema, its op
+and type names).
 """
 
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from larq_compute_engine.mlir.python import tflite_schema as schema
+
+from bireal_tf.export.schema import has_tflite_identifier, is_custom, op_name, read_model, type_name
 
 __all__ = ["LCE_OPS", "FlatbufferError", "TFLiteGraph", "op_histogram", "unpack_bconv_filter"]
 
 LCE_OPS = ("LceBconv2d", "LceQuantize", "LceDequantize", "LceBMaxPool2d")
-_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-_TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
 
 
 class FlatbufferError(ValueError):
@@ -37,47 +35,44 @@ class Op:
 
 
 class TFLiteGraph:
-    """The ops and tensors of a flatbuffer's main subgraph, with its constant data."""
+    """The ops and tensors of a flatbuffer's main subgraph, with its constant data.
+
+    `model` is the whole file in the schema's object API; `custom_ops` the names of
+    its custom ops (LCE's, or any other), sorted.
+    """
 
     def __init__(self, flatbuffer: bytes):
         self.flatbuffer = bytes(flatbuffer)
-        if self.flatbuffer[4:8] != b"TFL3":
+        if not has_tflite_identifier(self.flatbuffer):
             raise FlatbufferError("not a TFLite flatbuffer (the file identifier at bytes 4-8 is "
                                   f"{self.flatbuffer[4:8]!r}, expected b'TFL3')")
         try:
-            self.model = schema.Model.GetRootAsModel(self.flatbuffer, 0)
-            codes = [self._op_name(self.model.OperatorCodes(i))
-                     for i in range(self.model.OperatorCodesLength())]
-            self.histogram = Counter()
-            for s in range(self.model.SubgraphsLength()):
-                graph = self.model.Subgraphs(s)
-                ops = [graph.Operators(o) for o in range(graph.OperatorsLength())]
-                self.histogram.update(codes[op.OpcodeIndex()] for op in ops)
-                if s == 0:
-                    self.ops = [Op(codes[op.OpcodeIndex()], [int(i) for i in op.InputsAsNumpy()],
-                                   [int(i) for i in op.OutputsAsNumpy()]) for op in ops]
-                    self.tensors = [self._tensor(graph.Tensors(t)) for t in range(graph.TensorsLength())]
-                    self.inputs = [self.tensors[i] for i in graph.InputsAsNumpy()]
-                    self.outputs = [self.tensors[i] for i in graph.OutputsAsNumpy()]
+            self.model = read_model(self.flatbuffer)
+            codes = [op_name(self.model, i) for i in range(len(self.model.operatorCodes or []))]
+            self.custom_ops = sorted({name for name, code in zip(codes, self.model.operatorCodes or [])
+                                      if is_custom(code)})
+            self.histogram = Counter(codes[op.opcodeIndex] for graph in self.model.subgraphs or []
+                                     for op in graph.operators or [])
+            graph = self.model.subgraphs[0]
+            self.ops = [Op(codes[op.opcodeIndex], _ints(op.inputs), _ints(op.outputs))
+                        for op in graph.operators or []]
+            self.tensors = [Tensor(tuple(_ints(t.shape)), type_name(t.type), t.buffer)
+                            for t in graph.tensors or []]
+            self.inputs = [self.tensors[i] for i in _ints(graph.inputs)]
+            self.outputs = [self.tensors[i] for i in _ints(graph.outputs)]
         except Exception as err:  # flatbuffers raises assorted errors on garbage
             raise FlatbufferError(f"unreadable TFLite flatbuffer ({type(err).__name__}: {err})")
 
-    @staticmethod
-    def _op_name(code) -> str:
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        if builtin == schema.BuiltinOperator.CUSTOM:
-            return (code.CustomCode() or b"CUSTOM").decode()
-        return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
-
-    @staticmethod
-    def _tensor(t) -> Tensor:
-        shape = tuple(int(d) for d in t.ShapeAsNumpy()) if t.ShapeLength() else ()
-        return Tensor(shape, _TYPE_NAMES.get(t.Type(), str(t.Type())), t.Buffer())
+    def _data(self, index: int):
+        """The constant bytes of tensor `index` (a uint8 array), or None for an activation."""
+        buffers = self.model.buffers or []
+        number = self.tensors[index].buffer
+        data = buffers[number].data if 0 <= number < len(buffers) else None
+        return data if data is not None and len(data) else None
 
     def is_constant(self, index: int) -> bool:
         """Whether tensor `index` holds constant data (weights), not an activation."""
-        buffer = self.model.Buffers(self.tensors[index].buffer)
-        return buffer is not None and buffer.DataLength() > 0
+        return self._data(index) is not None
 
     def float_ops(self) -> list:
         """The ops (in graph order) that read or write a float32 activation (not weights)."""
@@ -87,12 +82,16 @@ class TFLiteGraph:
 
     def tensor_data(self, index: int) -> np.ndarray | None:
         """The constant data of tensor `index` as an array of its shape, or None."""
-        info = self.tensors[index]
-        buffer = self.model.Buffers(info.buffer)
-        if buffer is None or not buffer.DataLength() or info.type not in ("float32", "int32"):
+        info, raw = self.tensors[index], self._data(index)
+        if raw is None or info.type not in ("float32", "int32"):
             return None
-        data = np.frombuffer(buffer.DataAsNumpy().tobytes(), dtype=info.type)
+        data = np.frombuffer(np.asarray(raw, np.uint8).tobytes(), dtype=info.type)
         return data.reshape(info.shape) if data.size == np.prod(info.shape) else data
+
+
+def _ints(values) -> list[int]:
+    """An int vector of the object API (a numpy array, a list or None) as a list."""
+    return [] if values is None else [int(v) for v in values]
 
 
 def op_histogram(flatbuffer: bytes) -> Counter:

@@ -61,7 +61,11 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from bireal_tf.export.checks import batchnorm_affine, find_by_signs, kernel_signs, quantized_kernel
 from bireal_tf.export.files import ExportError
+from bireal_tf.export.flatbuffer import TFLiteGraph
+from bireal_tf.export.schema import (BuiltinOperator, TensorType, builtin_code, read_model, schema,
+                                     text, write_model)
 from bireal_tf.models import binary_conv_layers
 
 __all__ = ["HYBRID_CONV_VERSION", "PortableBinaryConv2D", "PortableInt8BinaryConv2D", "custom_ops",
@@ -130,7 +134,7 @@ class PortableBinaryConv2D(tf.keras.layers.Layer):
                                   "VALID", dilations=(1, *layer.dilation_rate, 1)).numpy()
         kernel = 2.0 * wq
         if batchnorm is not None:
-            s, t = _batchnorm_affine(batchnorm)
+            s, t = batchnorm_affine(batchnorm)
             kernel, bias = kernel * s, bias * s + t
             border = None if border is None else border * s
         return cls(kernel, bias, border, paddings, layer.strides, layer.dilation_rate,
@@ -178,7 +182,7 @@ class PortableInt8BinaryConv2D(tf.keras.layers.Layer):
         wq, paddings = _binary_kernel(layer)
         bias = np.asarray(layer.bias, np.float32) if layer.use_bias else np.zeros(wq.shape[-1], np.float32)
         if batchnorm is not None:
-            s, t = _batchnorm_affine(batchnorm)
+            s, t = batchnorm_affine(batchnorm)
             wq, bias = wq * s, bias * s + t
         return cls(wq, bias, paddings, layer.strides, layer.dilation_rate, name=layer.name)
 
@@ -189,7 +193,7 @@ def _binary_kernel(layer):
     problem = _unsupported(layer)
     if problem:
         raise ExportError(f"Binary conv '{layer.name}' cannot be lowered to builtin ops: {problem}")
-    wq = _quantized_kernel(layer)
+    wq = quantized_kernel(layer)
     scale = np.abs(wq).reshape(-1, wq.shape[-1])
     if not np.all(scale.max(0) > 0) or not np.allclose(scale.min(0), scale.max(0), rtol=1e-6, atol=0):
         raise ExportError(
@@ -207,14 +211,6 @@ def _binary_kernel(layer):
     return (np.sign(wq) * scale.max(0)).astype(np.float32), paddings
 
 
-def _batchnorm_affine(bn):
-    """(s, t) with BN(y) = s y + t in inference, per channel."""
-    weights = dict(zip((w.name.split("/")[-1].split(":")[0] for w in bn.weights), bn.get_weights()))
-    mean, var = weights["moving_mean"], weights["moving_variance"]
-    s = weights.get("gamma", np.ones_like(mean)) / np.sqrt(var + bn.epsilon)
-    return s.astype(np.float32), (weights.get("beta", np.zeros_like(mean)) - mean * s).astype(np.float32)
-
-
 def _folded_batchnorms(model, binary) -> dict:
     """{binary conv name: the BatchNormalization that alone reads it} for convs without activation."""
     found = {}
@@ -226,11 +222,6 @@ def _folded_batchnorms(model, binary) -> dict:
                 and len(readers[0]._inbound_nodes) == 1 and readers[0].axis in ([-1], [3], -1, 3)):
             found[layer.name] = readers[0]
     return found
-
-
-def _quantized_kernel(layer) -> np.ndarray:
-    """The layer's kernel as its kernel quantizer gives it (a constant: no gradient tape)."""
-    return np.asarray(layer.kernel_quantizer(tf.constant(np.asarray(layer.kernel))), np.float32)
 
 
 def _unsupported(layer) -> str:
@@ -301,52 +292,45 @@ class LoweredConv:
     negative_channels: int  # channels whose folded BatchNorm scale is negative (sign flipped)
 
 
-def _signs_ohwi(layer) -> np.ndarray:
-    """The binarized kernel of a Keras binary conv in TFLite's filter layout [O, H, W, I], True = -1."""
-    return np.transpose(_quantized_kernel(layer) < 0, (3, 0, 1, 2))
+def _take_match(wanted: dict, negative: np.ndarray):
+    """`find_by_signs` with every weight agreeing; the layer found leaves `wanted`."""
+    name, flipped = find_by_signs(wanted, negative)
+    if name is not None:
+        del wanted[name]
+    return name, flipped
 
 
-def _match(wanted: dict, negative: np.ndarray):
-    """(name, channels flipped) of the layer in `wanted` whose sign pattern `negative` [O, H, W, I]
-    is, up to a flip per output channel; (None, 0) if none."""
-    name = next((n for n, s in wanted.items() if s.shape == negative.shape and all(
-        np.array_equal(a, b) or np.array_equal(a, ~b) for a, b in zip(s, negative))), None)
-    if name is None:
-        return None, 0
-    return name, sum(not np.array_equal(a, b) for a, b in zip(wanted.pop(name), negative))
+def _conv_kernels(fb):
+    """(op, input tensor, kernel tensor, kernel buffer) of each CONV_2D with a constant kernel
+    in the main subgraph of an object-API model."""
+    graph = fb.subgraphs[0]
+    for op in graph.operators:
+        if builtin_code(fb.operatorCodes[op.opcodeIndex]) != BuiltinOperator.CONV_2D:
+            continue
+        kernel = graph.tensors[op.inputs[1]]
+        buffer = fb.buffers[kernel.buffer]
+        if buffer.data is not None:
+            yield op, graph.tensors[op.inputs[0]], kernel, buffer
 
 
 def find_int8_binary_convs(flatbuffer: bytes, model) -> list:
     """The LoweredConv of each binary conv of `model` in an int8 portable file: an int8 CONV_2D
     on an int8 input whose kernel is +-127 levels (zero point 0) in the layer's sign pattern.
     ExportError when one is missing (the converter did not keep the conv as int8 +-1)."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
-    graph, codes = fb.subgraphs[0], fb.operatorCodes
-    wanted = {layer.name: _signs_ohwi(layer) for layer in binary_conv_layers(model)}
+    fb = read_model(flatbuffer)
+    wanted = {layer.name: kernel_signs(layer) for layer in binary_conv_layers(model)}
     found = []
-    for op in graph.operators:
-        code = codes[op.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.CONV_2D:
-            continue
-        data, kernel = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]]
-        buffer = fb.buffers[kernel.buffer]
-        if kernel.type != schema.TensorType.INT8 or data.type != schema.TensorType.INT8 or buffer.data is None:
+    for _, data, kernel, buffer in _conv_kernels(fb):
+        if kernel.type != TensorType.INT8 or data.type != TensorType.INT8:
             continue
         levels = np.frombuffer(bytes(buffer.data), np.int8).reshape(kernel.shape)
         if not np.all(np.abs(levels.astype(np.int16)) == 127) or any(kernel.quantization.zeroPoint):
             continue
-        name, flipped = _match(wanted, levels < 0)
+        name, flipped = _take_match(wanted, levels < 0)
         if name is not None:
-            found.append(LoweredConv(name, _name(kernel), len(levels), int(flipped)))
+            found.append(LoweredConv(name, text(kernel.name), len(levels), flipped))
     _check_all_found(wanted, model, "int8 CONV_2D in the file has their sign pattern as +-127 levels")
     return found
-
-
-def _name(tensor) -> str:
-    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
 def _check_all_found(wanted: dict, model, looked_for: str):
@@ -366,69 +350,62 @@ def lower_binary_kernels(flatbuffer: bytes, model) -> tuple[bytes, list]:
     per channel (a negative BatchNorm scale folded in). Returns (new flatbuffer, the
     LoweredConv of each layer). ExportError when a binary conv is not found.
     """
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    fb = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
-    graph = fb.subgraphs[0]
-    codes = fb.operatorCodes
-    conv_code = schema.BuiltinOperator.CONV_2D
-    wanted = {layer.name: _signs_ohwi(layer) for layer in binary_conv_layers(model)}
-    hybrid_code = None
-    lowered = []
-    for op in graph.operators:
-        code = codes[op.opcodeIndex]
-        if max(code.builtinCode, code.deprecatedBuiltinCode) != conv_code or not wanted:
-            continue
-        tensor = graph.tensors[op.inputs[1]]
-        buffer = fb.buffers[tensor.buffer]
-        if tensor.type != schema.TensorType.FLOAT32 or buffer.data is None:
+    fb = read_model(flatbuffer)
+    wanted = {layer.name: kernel_signs(layer) for layer in binary_conv_layers(model)}
+    hybrid_code, lowered = None, []
+    for op, _, tensor, buffer in _conv_kernels(fb):
+        if not wanted or tensor.type != TensorType.FLOAT32:
             continue
         kernel = np.frombuffer(bytes(buffer.data), "<f4").reshape(tensor.shape)
         magnitude = np.abs(kernel).reshape(len(kernel), -1)
         if not (np.all(magnitude.max(1) > 0) and np.array_equal(magnitude.min(1), magnitude.max(1))):
             continue
         negative = kernel < 0
-        name, flipped = _match(wanted, negative)
+        name, flipped = _take_match(wanted, negative)
         if name is None:
             continue
         buffer.data = np.where(negative, -1, 1).astype(np.int8).tobytes()
-        tensor.type = schema.TensorType.INT8
-        q = schema.QuantizationParametersT()
-        q.scale = magnitude.max(1).astype(np.float32).tolist()
-        q.zeroPoint = [0] * len(kernel)
-        q.quantizedDimension = 0
-        tensor.quantization = q
+        tensor.type = TensorType.INT8
+        tensor.quantization = _per_channel_scales(magnitude.max(1))
         if hybrid_code is None:
-            new = schema.OperatorCodeT()
-            new.builtinCode = conv_code
-            new.deprecatedBuiltinCode = min(conv_code, 127)
-            new.version = HYBRID_CONV_VERSION
-            codes.append(new)
-            hybrid_code = len(codes) - 1
+            fb.operatorCodes.append(_hybrid_conv_code())
+            hybrid_code = len(fb.operatorCodes) - 1
         op.opcodeIndex = hybrid_code
-        lowered.append(LoweredConv(name, _name(tensor), len(kernel), int(flipped)))
+        lowered.append(LoweredConv(name, text(tensor.name), len(kernel), flipped))
     _check_all_found(wanted, model, "float CONV_2D in the converted file has their sign pattern with "
                                     "one magnitude per channel")
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(fb)), lowered
+    return write_model(fb), lowered
+
+
+def _per_channel_scales(scales: np.ndarray):
+    """Symmetric int8 quantization along the output channels (axis 0), zero point 0."""
+    q = schema.QuantizationParametersT()
+    q.scale = scales.astype(np.float32).tolist()
+    q.zeroPoint = [0] * len(scales)
+    q.quantizedDimension = 0
+    return q
+
+
+def _hybrid_conv_code():
+    """The operator code of a hybrid CONV_2D (float input, int8 per-channel weights)."""
+    code = schema.OperatorCodeT()
+    code.builtinCode = BuiltinOperator.CONV_2D
+    code.deprecatedBuiltinCode = min(BuiltinOperator.CONV_2D, 127)
+    code.version = HYBRID_CONV_VERSION
+    return code
 
 
 def custom_ops(graph) -> list:
     """Names of the custom ops (LCE's or any other) in a TFLiteGraph; [] for builtin ops only."""
-    from larq_compute_engine.mlir.python import tflite_schema as schema
-
-    builtin = {k for k in vars(schema.BuiltinOperator) if not k.startswith("_") and k != "CUSTOM"}
-    return sorted(n for n in graph.histogram if n not in builtin and not n.startswith("BUILTIN_"))
+    return list(graph.custom_ops)
 
 
 def is_portable_file(flatbuffer: bytes) -> bool:
     """Whether a flatbuffer looks like a portable export: builtin ops only, and binary convs
     as CONV_2D with int8 kernels on a computed sign: a hybrid conv on float32 0/1 (float
     models), or an int8 conv on the +-1 of a SELECT_V2 (int8 models)."""
-    from bireal_tf.export.flatbuffer import TFLiteGraph
-
     graph = TFLiteGraph(flatbuffer)
-    if custom_ops(graph):
+    if graph.custom_ops:
         return False
     producer = {t: op for op in graph.ops for t in op.outputs}
     for op in graph.ops:

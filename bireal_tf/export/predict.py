@@ -56,12 +56,22 @@ def read_metadata(model_path: str) -> dict:
     return meta
 
 
+def _has_tflite_identifier(data: bytes) -> bool:
+    """Whether `data` carries TFLite's file identifier, by LiteRT's copy of the schema (the
+    one the exporter reads with). Without ai-edge-litert the interpreter alone judges."""
+    try:
+        from ai_edge_litert.schema_py_generated import Model
+    except ImportError:
+        return True
+    return len(data) >= 8 and bool(Model.ModelBufferHasIdentifier(data[:8], 0))
+
+
 def check_tflite(model_path: str) -> bytes:
     if not os.path.isfile(model_path):
         raise PredictError(f"model file '{model_path}' does not exist.")
     with open(model_path, "rb") as f:
         data = f.read()
-    if data[4:8] != b"TFL3":
+    if not _has_tflite_identifier(data):
         raise PredictError(f"'{model_path}' is not a .tflite file (no TFL3 identifier at bytes 4-8); "
                            "pass the .tflite the export wrote.")
     return data

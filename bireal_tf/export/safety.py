@@ -2,17 +2,20 @@
 
 TFLite's C++ interpreter (and LCE's, built on it) trusts the flatbuffer it is
 given: an offset or a shape changed by one byte can make it read out of bounds
-and die of SIGSEGV, or allocate gigabytes. Neither TF 2.16, LCE 0.16 nor the
-`flatbuffers` package offers the schema's verifier to Python. So, in order:
+and die of SIGSEGV, or allocate gigabytes. An out-of-bounds read is undefined
+behaviour: it may pass in one process and crash another (the fuzz test found a
+vtable offset that a child process survived and the evaluating process did not).
+So, in order:
 
-1. `verify_flatbuffer`: every offset the interpreter follows (tables, vectors,
-   strings, unions of the TFLite schema) must land inside the file; what the C++
-   `Verifier` checks, in pure Python, with its limit of 1,000,000 tables; and the
-   same for the flexbuffer options of LCE's ops, which their C++ code reads. An
-   out-of-bounds read is undefined behaviour: it may pass in one process and
-   crash another (found by the fuzz test: a quantization table's vtable offset
-   that a child process survived and the evaluating process did not), so it is
-   refused here, deterministically.
+1. `verify_flatbuffer`: the file's structure, refused deterministically.
+   - LiteRT's own flatbuffer verifier (the schema's C++ `Verifier`: every offset of
+     every table, vector, string and union inside the file, at most 1,000,000 tables,
+     64 levels deep). Python cannot call it alone: it runs when
+     `ai_edge_litert.interpreter.Interpreter` loads a model, which goes on to build
+     the interpreter, so it runs in a child process (`_litert_verifies`).
+   - The flexbuffer options of LCE's ops (`LceBconv2d`, ...), which LCE's C++ code
+     reads unchecked and which LiteRT's verifier sees as plain bytes
+     (`_verify_custom_options`).
 2. `probe_interpreter`: the real interpreter where a crash costs nothing, a
    child Python that loads only LCE's interpreter extension and numpy (no
    TensorFlow), under an address-space limit. It builds the interpreter from
@@ -25,7 +28,18 @@ a `ModelFileError`. Limits: one run on zeros cannot prove every input safe (a
 gather whose indices come from the input), and RLIMIT_AS is not enforced on
 macOS (crashes are still contained there).
 
-This module imports nothing of bireal_tf: `python -P safety.py` is the child.
+Measured on the fuzz corpus of tests/test_hostile_files.py (213 files: its three
+crashers, its mutants of seeds 20 and 2020, its two hand-made bad offsets): LiteRT's
+verifier refuses 143; a hand-written walker of the schema's tables, which this module
+held before, refused 139 of those and nothing else. The LCE options check refuses 2
+that LiteRT's verifier passes (one crashes LCE's interpreter with SIGSEGV). 68 pass
+both and meet the interpreter probe. LiteRT's schema is newer than LCE's: one mutant
+it refuses runs in LCE's interpreter. Constant data kept after the flatbuffer (a
+buffer's `offset` and `size`) is outside the verifier's view, but both interpreters
+refuse an offset past the file when they build (tried: offset 10^9 in a 12 KB file,
+an error, no crash).
+
+The child processes import nothing of bireal_tf: `python -P safety.py` is the child.
 """
 
 import bisect
@@ -33,158 +47,23 @@ import importlib.machinery
 import importlib.util
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProbeResult", "UnsafeFlatbuffer", "memory_limit_bytes", "probe_interpreter",
-           "timeout_seconds", "verify_flatbuffer"]
+__all__ = ["MAX_VALUES", "ProbeResult", "UnsafeFlatbuffer", "memory_limit_bytes",
+           "probe_interpreter", "timeout_seconds", "verify_flatbuffer"]
 
 # --- 1. the structure ---------------------------------------------------------------------
 
 class UnsafeFlatbuffer(ValueError):
-    """An offset of the flatbuffer leads outside it, or it holds too many tables."""
+    """An offset of the flatbuffer leads outside it, or it holds too many values."""
 
 
-# The TFLite schema (tensorflow/lite/schema/schema.fbs, as TF 2.16 and LCE 0.16 ship it),
-# field index -> what it holds: a scalar's size in bytes, "string", ("vector", element
-# size), ("table", type), ("tables", type: a vector of tables), or ("union", index of the
-# type field, {type code: table type}); a union named by a string is checked by the
-# generated Python reader of that name (the builtin options: leaf tables of numbers).
-_SCHEMA = {
-    "Model": {0: 4, 1: ("tables", "OperatorCode"), 2: ("tables", "SubGraph"), 3: "string",
-              4: ("tables", "Buffer"), 5: ("vector", 4), 6: ("tables", "Metadata"),
-              7: ("tables", "SignatureDef")},
-    "OperatorCode": {0: 1, 1: "string", 2: 4, 3: 4},
-    "SubGraph": {0: ("tables", "Tensor"), 1: ("vector", 4), 2: ("vector", 4),
-                 3: ("tables", "Operator"), 4: "string"},
-    "Tensor": {0: ("vector", 4), 1: 1, 2: 4, 3: "string", 4: ("table", "QuantizationParameters"),
-               5: 1, 6: ("table", "SparsityParameters"), 7: ("vector", 4), 8: 1,
-               9: ("tables", "VariantSubType")},
-    "QuantizationParameters": {0: ("vector", 4), 1: ("vector", 4), 2: ("vector", 4),
-                               3: ("vector", 8), 4: 1,
-                               5: ("union", 4, {1: "CustomQuantization"}), 6: 4},
-    "CustomQuantization": {0: ("vector", 1)},
-    "SparsityParameters": {0: ("vector", 4), 1: ("vector", 4), 2: ("tables", "DimensionMetadata")},
-    "DimensionMetadata": {0: 1, 1: 4, 2: 1, 4: 1,
-                          3: ("union", 2, {1: "Int32Vector", 2: "Uint16Vector", 3: "Uint8Vector"}),
-                          5: ("union", 4, {1: "Int32Vector", 2: "Uint16Vector", 3: "Uint8Vector"})},
-    "Int32Vector": {0: ("vector", 4)},
-    "Uint16Vector": {0: ("vector", 2)},
-    "Uint8Vector": {0: ("vector", 1)},
-    "VariantSubType": {0: ("vector", 4), 1: 1, 2: 1},
-    "Operator": {0: 4, 1: ("vector", 4), 2: ("vector", 4), 3: 1, 4: ("union", 3, "BuiltinOptions"),
-                 5: ("vector", 1), 6: 1, 7: ("vector", 1), 8: ("vector", 4), 9: 8, 10: 8, 11: 1,
-                 12: ("union", 11, "BuiltinOptions2")},
-    "Buffer": {0: ("vector", 1), 1: 8, 2: 8},
-    "Metadata": {0: "string", 1: 4},
-    "SignatureDef": {0: ("tables", "TensorMap"), 1: ("tables", "TensorMap"), 2: "string", 4: 4},
-    "TensorMap": {0: "string", 1: 4},
-    # The two options tables with strings, which the generated reader slices unchecked.
-    "VarHandleOptions": {0: "string", 1: "string"},
-    "StablehloCustomCallOptions": {0: "string", 2: "string"},
-}
-MAX_TABLES = 1_000_000  # the C++ Verifier's default
-
-
-class _Verifier:
-    """Walks a TFLite flatbuffer from its root and checks every offset against its size."""
-
-    def __init__(self, data: bytes):
-        self.data, self.size, self.tables = data, len(data), 0
-
-    def _need(self, pos, length, what):
-        if pos < 0 or length < 0 or pos + length > self.size:
-            raise UnsafeFlatbuffer(f"{what} at byte {pos} (+{length}) lies outside the "
-                                   f"{self.size}-byte file")
-
-    def _int(self, fmt, pos, what):
-        self._need(pos, struct.calcsize(fmt), what)
-        return struct.unpack_from(fmt, self.data, pos)[0]
-
-    def _target(self, pos, what):
-        """Where the unsigned offset stored at `pos` leads."""
-        return pos + self._int("<I", pos, what)
-
-    def _fields(self, pos, name):
-        """{field index: its position} of the table at `pos`, its vtable checked."""
-        self.tables += 1
-        if self.tables > MAX_TABLES:
-            raise UnsafeFlatbuffer(f"more than {MAX_TABLES:,} tables")
-        vtable = pos - self._int("<i", pos, f"{name} table")
-        vtable_size = self._int("<H", vtable, f"{name} vtable")
-        table_size = self._int("<H", vtable + 2, f"{name} vtable")
-        if vtable_size < 4 or vtable_size % 2:
-            raise UnsafeFlatbuffer(f"{name} vtable at byte {vtable} has the size {vtable_size}")
-        self._need(vtable, vtable_size, f"{name} vtable")
-        self._need(pos, max(table_size, 4), f"{name} table")
-        slots = struct.unpack_from(f"<{vtable_size // 2 - 2}H", self.data, vtable + 4)
-        return {i: pos + o for i, o in enumerate(slots) if o}
-
-    def _vector(self, pos, element, what):
-        """(start, length) of the vector at `pos`, all of it inside the file."""
-        length = self._int("<I", pos, what)
-        self._need(pos + 4, length * element, what)
-        return pos + 4, length
-
-    def table(self, pos, name):
-        fields = self._fields(pos, name)
-        for index, kind in _SCHEMA[name].items():
-            at = fields.get(index)
-            if at is None:
-                continue
-            what = f"{name} field {index}"
-            if isinstance(kind, int):
-                self._need(at, kind, what)
-            elif kind == "string":
-                start, length = self._vector(self._target(at, what), 1, what)
-                self._need(start + length, 1, what + " (terminator)")
-            elif kind[0] == "vector":
-                self._vector(self._target(at, what), kind[1], what)
-            elif kind[0] == "table":
-                self.table(self._target(at, what), kind[1])
-            elif kind[0] == "tables":
-                start, length = self._vector(self._target(at, what), 4, what)
-                for i in range(length):
-                    self.table(self._target(start + 4 * i, what), kind[1])
-            else:  # a union: its type code sits in another field
-                code_at = fields.get(kind[1])
-                code = self._int("<B", code_at, what) if code_at is not None else 0
-                if code:
-                    self._union(self._target(at, what), code, kind[2], what)
-
-    def _union(self, pos, code, members, what):
-        if isinstance(members, dict):
-            if code in members:
-                self.table(pos, members[code])
-            return
-        from flatbuffers.table import Table
-        from larq_compute_engine.mlir.python import tflite_schema  # TFLite's generated reader
-
-        self._fields(pos, what)  # its vtable, before the generated reader follows it
-        try:  # the generated reader checks its reads (a negative offset is a TypeError)
-            getattr(tflite_schema, members + "Creator")(code, Table(self.data, pos))
-        except Exception as err:  # struct.error, TypeError, ValueError: out of bounds
-            raise UnsafeFlatbuffer(f"{what} (options {code}) cannot be read: {err}") from err
-        name = {v: k for k, v in vars(getattr(tflite_schema, members)).items()}.get(code)
-        if name in _SCHEMA:  # but not the length of a string
-            self.table(pos, name)
-
-    def model(self):
-        self.table(self._target(0, "root offset"), "Model")
-        # Buffers may keep their data after the flatbuffer, at an offset into the file.
-        model = self._fields(self._target(0, "root offset"), "Model")
-        if 4 in model:
-            start, length = self._vector(self._target(model[4], "buffers"), 4, "buffers")
-            for i in range(length):
-                fields = self._fields(self._target(start + 4 * i, "buffers"), "Buffer")
-                offset = self._int("<Q", fields[1], "Buffer offset") if 1 in fields else 0
-                size = self._int("<Q", fields[2], "Buffer size") if 2 in fields else 0
-                if offset > 1:
-                    self._need(offset, size, f"buffer {i}'s data")
+MAX_VALUES = 1_000_000  # values of a flexbuffer, as the C++ Verifier's limit on tables
+_NOT_VALID = "not a valid Flatbuffer"  # how LiteRT says its verifier refused the model
 
 
 class _Flexbuffer:
@@ -226,9 +105,9 @@ class _Flexbuffer:
 
     def value(self, pos, slot, packed, depth):
         self.values += 1
-        if depth > 64 or self.values > MAX_TABLES:
+        if depth > 64 or self.values > MAX_VALUES:
             raise UnsafeFlatbuffer(f"{self.what}: nested more than 64 deep or more than "
-                                   f"{MAX_TABLES:,} values")
+                                   f"{MAX_VALUES:,} values")
         kind, width = packed >> 2, 1 << (packed & 3)
         offset = self._uint(pos, slot)
         if kind in (0, 1, 2, 3, 26):  # null, int, uint, float, bool: inline
@@ -271,28 +150,51 @@ class _Flexbuffer:
 
 
 def _verify_custom_options(data: bytes):
-    """The flexbuffer options of LCE's ops (LceBconv2d, ...), whose C++ code reads them."""
-    from larq_compute_engine.mlir.python import tflite_schema
+    """The flexbuffer options of LCE's ops (LceBconv2d, ...), whose C++ code reads them.
+    The file's own structure must be verified first."""
+    from bireal_tf.export.schema import read_model, text
 
-    model = tflite_schema.Model.GetRootAsModel(data, 0)  # bounds checked by now
-    lce = {i for i in range(model.OperatorCodesLength())
-           if (model.OperatorCodes(i).CustomCode() or b"").startswith(b"Lce")}
-    for g in range(model.SubgraphsLength()):
-        graph = model.Subgraphs(g)
-        for o in range(graph.OperatorsLength()):
-            op = graph.Operators(o)
-            if op.OpcodeIndex() in lce and op.CustomOptionsLength():
-                options = bytes(op.CustomOptionsAsNumpy())
+    try:
+        model = read_model(data)
+    except Exception as err:  # the reader raises assorted errors on garbage
+        raise UnsafeFlatbuffer(f"the schema's reader cannot read it ({type(err).__name__})") from err
+    lce = {i for i, code in enumerate(model.operatorCodes or []) if text(code.customCode).startswith("Lce")}
+    for g, graph in enumerate(model.subgraphs or []):
+        for o, op in enumerate(graph.operators or []):
+            if op.opcodeIndex in lce and op.customOptions is not None and len(op.customOptions):
+                options = bytes(bytearray(op.customOptions))
                 _Flexbuffer(options, f"the options of operator {o} (subgraph {g})").root()
 
 
+def _litert_verifies(data: bytes) -> None:
+    """UnsafeFlatbuffer when LiteRT's flatbuffer verifier refuses `data`.
+
+    A child process loads the model with LiteRT (memory and time capped as for the
+    probe); only the verifier's own refusal counts here: whatever building the
+    interpreter does afterwards (an unresolved custom op, an error, a crash) is the
+    interpreter probe's to judge.
+    """
+    address_space = memory_limit_bytes() + _CHILD_OVERHEAD + 3 * len(data)
+    command = [sys.executable, *_ISOLATE, __file__, "litert-verify", str(address_space)]
+    try:
+        done = subprocess.run(command, input=data, capture_output=True, timeout=timeout_seconds(),
+                              check=False)
+    except subprocess.TimeoutExpired:
+        return  # not a refusal; the probe meets the same file with the same limit
+    if done.returncode == _REFUSED:
+        raise UnsafeFlatbuffer("LiteRT's flatbuffer verifier refuses it: an offset leads outside "
+                               "the file, or a table or vector is malformed")
+
+
 def verify_flatbuffer(flatbuffer: bytes) -> None:
-    """UnsafeFlatbuffer unless every offset that TFLite's interpreter, or an LCE op reading
-    its options, follows stays in the file."""
+    """UnsafeFlatbuffer unless the file has TFLite's identifier, LiteRT's verifier accepts its
+    structure, and the options of its LCE ops stay inside them."""
+    from bireal_tf.export.schema import has_tflite_identifier
+
     data = bytes(flatbuffer)
-    if len(data) < 8 or data[4:8] != b"TFL3":
+    if not has_tflite_identifier(data):
         raise UnsafeFlatbuffer("not a TFLite flatbuffer (no 'TFL3' at bytes 4-8)")
-    _Verifier(data).model()
+    _litert_verifies(data)
     _verify_custom_options(data)
 
 
@@ -305,6 +207,9 @@ DEFAULT_TIMEOUT_S = 300.0
 # The child's own Python, numpy and LCE extension take ~135 MB of address space
 # (VmPeak, measured here); the interpreter keeps two copies of the file.
 _CHILD_OVERHEAD = 512 << 20
+# -P: the child's sys.path gets neither this directory nor the working directory.
+_ISOLATE = ["-P"] if sys.version_info >= (3, 11) else []
+_REFUSED = 4  # the exit status of a child whose LiteRT verifier refused the model
 _STAGES = {"start": "starting", "load": "loading it (parse, ops, tensor allocation)",
            "invoke": "running it once on zeros", "done": "finishing"}
 
@@ -379,9 +284,7 @@ def probe_interpreter(flatbuffer: bytes, *, memory_limit: int | None = None,
     memory_limit = memory_limit_bytes() if memory_limit is None else int(memory_limit)
     timeout = timeout_seconds() if timeout is None else float(timeout)
     address_space = memory_limit + _CHILD_OVERHEAD + 3 * len(flatbuffer)
-    # -P: the child's sys.path gets neither this directory nor the working directory.
-    isolate = ["-P"] if sys.version_info >= (3, 11) else []
-    command = [sys.executable, *isolate, __file__, _interpreter_extension(), str(address_space),
+    command = [sys.executable, *_ISOLATE, __file__, _interpreter_extension(), str(address_space),
                str(int(num_threads)), "1" if use_reference_bconv else "0"]
     start = time.perf_counter()
     try:
@@ -402,14 +305,34 @@ def _stage(name):
     print("stage", name, flush=True)
 
 
-def _child(extension, address_space, num_threads, use_reference_bconv):
-    """The child side: stdin holds the flatbuffer; exit 0 after one run on zeros."""
+def _limit_address_space(address_space):
     try:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     except (ImportError, ValueError, OSError):
         pass  # no address-space limit on this OS; crashes are still contained
+
+
+def _litert_verify_child(address_space):
+    """The verifier's child side: stdin holds the flatbuffer; exit _REFUSED if LiteRT's
+    verifier refuses it, 0 otherwise (building the interpreter may fail: not our concern)."""
+    _limit_address_space(address_space)
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        Interpreter(model_content=sys.stdin.buffer.read(),
+                    experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    except ValueError as error:
+        if _NOT_VALID in str(error):
+            sys.exit(_REFUSED)
+    except Exception:  # e.g. an unresolved custom op (LCE's): verified, then not built
+        pass
+
+
+def _child(extension, address_space, num_threads, use_reference_bconv):
+    """The probe's child side: stdin holds the flatbuffer; exit 0 after one run on zeros."""
+    _limit_address_space(address_space)
     import numpy as np
 
     spec = importlib.util.spec_from_file_location("interpreter_wrapper_lite", extension)
@@ -424,7 +347,9 @@ def _child(extension, address_space, num_threads, use_reference_bconv):
     _stage("done")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "litert-verify":
+    _litert_verify_child(int(sys.argv[2]))
+elif __name__ == "__main__":
     try:
         _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
     except BaseException as error:  # one line for the parent; the exit code says "error"
