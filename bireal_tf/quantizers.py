@@ -74,7 +74,7 @@ def custom_objects():
 
 
 def approx_sign(x):
-    r"""Larq's ApproxSign as a function: forward sign, backward the derivative of a piecewise quadratic.
+    r"""Larq's ApproxSign: forward sign, backward the derivative of a piecewise quadratic.
 
     Forward:  q(x) = +1 if x >= 0 else -1       (Larq's `sign(sign(x) + 0.1)`)
     Backward: dq/dx = 2 - 2|x|  for |x| <= 1, else 0
