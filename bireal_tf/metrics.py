@@ -28,13 +28,15 @@ def top_k_hits(labels, scores, k):
 
     Args:
         labels: class indices, shape [batch] (or [batch, 1]).
-        scores: logits or probabilities, shape [batch, classes].
+        scores: logits or probabilities (or integer scores), shape [batch, classes].
         k: how many classes count as the top.
 
     Returns:
         A bool tensor of shape [batch].
     """
     scores = tf.convert_to_tensor(scores)
+    if not scores.dtype.is_floating:
+        scores = tf.cast(scores, tf.float64)  # exact for integer scores; NaN tests need floats
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     label_scores = tf.gather(scores, labels, axis=1, batch_dims=1)[:, None]
     classes = tf.range(tf.shape(scores)[-1])[None, :]

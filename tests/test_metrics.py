@@ -58,6 +58,11 @@ def test_top_k_hits_is_the_position_in_a_stable_sort():
     for k in (1, 5, 10):
         np.testing.assert_array_equal(top_k_hits(labels, scores, k).numpy(), position < k)
 
+    integers = rng.integers(-128, 128, size=(500, 10)).astype(np.int8)  # quantized outputs
+    order = np.argsort(-integers.astype(np.int32), axis=1, kind="stable")
+    position = np.argmax(order == labels[:, None], axis=1)
+    np.testing.assert_array_equal(top_k_hits(labels, integers, 5).numpy(), position < 5)
+
 
 def test_the_metric_serializes_with_its_k():
     metric = TopKAccuracy(3)
