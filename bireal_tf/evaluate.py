@@ -17,7 +17,10 @@ On x86-64 that interpreter uses LCE's portable kernels: correct, not fast.
 A portable file (`python -m bireal_tf.export --portable`: builtin ops only)
 runs through stock LiteRT (`ai_edge_litert`), as on a device.
 
-Accuracies are fractions in [0, 1]. top-5 is top-min(5, classes).
+Accuracies are fractions in [0, 1]. top-5 is top-min(5, classes). Hits are
+counted by `bireal_tf.metrics.top_k_hits`, as the training loop's `top1` and
+`top5` count them: tied scores rank by class index, lowest first, so the top k
+are always k classes.
 """
 
 import argparse
@@ -184,6 +187,8 @@ def evaluate(
         bireal_tf.export.ModelFileError (missing / corrupt file),
         bireal_tf.data.DataError (dataset problems).
     """
+    from bireal_tf.metrics import top_k_hits
+
     kind, model, source, _ = _load(model_or_path, allow_non_lce, num_threads)
     spec = _dataset(dataset, split, data_dir, image_size, batch_size, limit)
     _check_compatible(kind, model, source, spec)
@@ -198,9 +203,8 @@ def evaluate(
             scores = model.predict(np.asarray(images))
         scores = scores.reshape(scores.shape[0], -1)
         labels = np.asarray(labels).reshape(-1).astype(np.int64)
-        ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        top1 += int(np.sum(ranked[:, 0] == labels))
-        topk += int(np.sum(np.any(ranked == labels[:, None], axis=1)))
+        top1 += int(np.sum(top_k_hits(labels, scores, 1).numpy()))
+        topk += int(np.sum(top_k_hits(labels, scores, k).numpy()))
         n += int(labels.shape[0])
         if progress is not None:
             progress(n, top1 / max(1, n))

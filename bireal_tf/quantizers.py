@@ -73,24 +73,17 @@ def custom_objects():
         registry.update(saved)
 
 
-@tf.custom_gradient
 def approx_sign(x):
-    r"""ApproxSign: forward sign, backward the derivative of a piecewise quadratic.
+    r"""Larq's ApproxSign: forward sign, backward the derivative of a piecewise quadratic.
 
-    Forward:  q(x) = +1 if x >= 0 else -1
+    Forward:  q(x) = +1 if x >= 0 else -1       (Larq's `sign(sign(x) + 0.1)`)
     Backward: dq/dx = 2 - 2|x|  for |x| <= 1, else 0
 
     The backward is the derivative of F(x) = -1 (x < -1), 2x + x^2 (-1 <= x < 0),
     2x - x^2 (0 <= x < 1), +1 (x >= 1): a tighter fit of sign than the clipped
     identity of the straight-through estimator.
     """
-
-    def grad(dy):
-        # relu(2 - 2|x|) is 2 - 2|x| on |x| <= 1 and 0 elsewhere: the same values as a
-        # masked where, in fewer ops (no measurable difference in step time, BENCHMARKS.md).
-        return dy * tf.nn.relu(2.0 - 2.0 * tf.abs(x))
-
-    return lq.math.sign(x), grad
+    return lq.quantizers.approx_sign(x)
 
 
 def _channel_scale(w):
@@ -98,78 +91,73 @@ def _channel_scale(w):
     return tf.stop_gradient(tf.reduce_mean(tf.abs(w), axis=list(range(w.shape.rank - 1))))
 
 
+def _scale_forward_only(scale, x):
+    """scale * x forward; the gradient passes to x unscaled."""
+
+    @tf.custom_gradient
+    def _scale(x):
+        return scale * x, lambda dy: dy
+
+    return _scale(x)
+
+
 def magnitude_aware_sign(w, scale_gradient=True, clip_value=1.0):
     r"""Magnitude-aware binary weights, per output channel c.
 
     Forward:  Wb = a_c * sign(W),  a_c = mean(|W[..., c]|)  (a_c is a constant to autodiff)
-    Backward: dL/dW = dL/dWb * a_c * 1{|W| <= clip}        (scale_gradient=True, the paper)
+    Backward: dL/dW = dL/dWb * a_c * 1{|W| <= clip}        (scale_gradient=True, the paper;
+                                                            Larq's MagnitudeAwareSign)
               dL/dW = dL/dWb * 1{|W| <= clip}              (scale_gradient=False, the
                                                             authors' 2019 PyTorch code)
+
+    The sign and its clipped straight-through gradient are Larq's `ste_sign`;
+    `clip_value=None` does not clip.
     """
-    scale = _channel_scale(w)
-
-    @tf.custom_gradient
-    def _binarize(w):
-        def grad(dy):
-            if scale_gradient:
-                dy = dy * scale
-            return tf.where(tf.abs(w) <= clip_value, dy, tf.zeros_like(dy))
-
-        return scale * lq.math.sign(w), grad
-
-    return _binarize(w)
-
-
-# Larq's private base class gives the quantizers Larq's `flip_ratio` metric; it is
-# stable within the pinned larq 0.14.
-_LarqQuantizer = lq.quantizers._BaseQuantizer
+    binary = lq.quantizers.ste_sign(w, clip_value=clip_value)
+    if scale_gradient:
+        return _channel_scale(w) * binary
+    return _scale_forward_only(_channel_scale(w), binary)
 
 
 @_register("bireal_approx_sign")
-class ApproxSign(_LarqQuantizer):
-    r"""Binary activations with the ApproxSign gradient (Bi-Real Net, Sec. 3.2).
+class ApproxSign(lq.quantizers.ApproxSign):
+    r"""Binary activations with the ApproxSign gradient (Bi-Real Net, Sec. 3.2): Larq's.
 
-    Forward `sign(x)` with sign(0) = +1; backward `2 - 2|x|` on |x| <= 1, else 0.
-    The same function as Larq's `ApproxSign`; kept here so the project owns the
-    definition it publishes and tests.
+    Forward `sign(x)` with sign(0) = +1; backward `2 - 2|x|` on |x| <= 1, else 0
+    (see `approx_sign`). Larq's class and arithmetic, registered under the project's
+    names, so files saved with it keep loading as the project's class.
     """
-
-    precision = 1
-
-    def call(self, inputs):
-        return super().call(approx_sign(inputs))
 
 
 @_register("bireal_magnitude_aware_sign")
-class MagnitudeAwareSign(_LarqQuantizer):
+class MagnitudeAwareSign(lq.quantizers.MagnitudeAwareSign):
     r"""Binary weights scaled by their mean magnitude per output channel (Sec. 3.3).
 
     Forward `mean(|W|) * sign(W)`, the mean over kernel height, width and input
-    channels. Backward straight-through, zero where |W| > `clip_value`:
+    channels. Backward straight-through, zero where |W| > `clip_value`
+    (see `magnitude_aware_sign`):
 
     - `scale_gradient=True` (default, the paper): `dL/dW = dL/dWb * mean(|W|)`;
-      equal to Larq's `MagnitudeAwareSign`.
+      Larq's `MagnitudeAwareSign`, which this class is.
     - `scale_gradient=False`: `dL/dW = dL/dWb`, as the authors' 2019 PyTorch code.
       With Adam the two are nearly the same, since Adam normalizes the step size.
     """
 
-    precision = 1
-
     def __init__(self, scale_gradient=True, clip_value=1.0, **kwargs):
         self.scale_gradient = bool(scale_gradient)
-        self.clip_value = float(clip_value)
-        super().__init__(**kwargs)
+        clip_value = None if clip_value is None else float(clip_value)
+        super().__init__(clip_value=clip_value, **kwargs)
 
     def call(self, inputs):
-        outputs = magnitude_aware_sign(inputs, self.scale_gradient, self.clip_value)
-        return super().call(outputs)
+        if self.scale_gradient:
+            return super().call(inputs)
+        outputs = magnitude_aware_sign(inputs, scale_gradient=False, clip_value=self.clip_value)
+        # The call of Larq's base class, past Larq's MagnitudeAwareSign: it adds Larq's
+        # `flip_ratio` metric when asked for.
+        return super(lq.quantizers.MagnitudeAwareSign, self).call(outputs)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "scale_gradient": self.scale_gradient,
-            "clip_value": self.clip_value,
-        }
+        return {**super().get_config(), "scale_gradient": self.scale_gradient}
 
 
 def leaky_clip(x):
@@ -177,6 +165,12 @@ def leaky_clip(x):
 
     f(x) = x (|x| <= 1);  0.1 x + 0.9 (x > 1);  0.1 x - 0.9 (x < -1).
     The second real-valued stage of the paper's initialization.
+
+    Larq's `leaky_tanh(x, alpha=0.1)` gives the same values bit for bit but not the
+    same gradient: at |x| = 1 it passes 1.1 g (its clip and its leak both pass there)
+    where this one passes g, and inside it passes g exactly where this one's
+    0.1 g + (g - 0.1 g) can be an ulp off. Training with it would not reproduce
+    earlier runs, so this definition stays.
     """
     return tf.clip_by_value(x, -1.0, 1.0) + 0.1 * (x - tf.clip_by_value(x, -1.0, 1.0))
 
@@ -184,9 +178,10 @@ def leaky_clip(x):
 def hard_clip(x):
     r"""clip(-1, x, 1): identity on [-1, 1], constant outside (gradient 0 there).
 
-    The third real-valued stage: the real network closest to sign before binarizing.
+    Larq's `hard_tanh`. The third real-valued stage: the real network closest to
+    sign before binarizing.
     """
-    return tf.clip_by_value(x, -1.0, 1.0)
+    return lq.activations.hard_tanh(x)
 
 
 @_register("leaky_clip")

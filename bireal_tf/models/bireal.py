@@ -35,6 +35,7 @@ Options shared by the three networks:
 """
 
 import dataclasses
+import inspect
 
 import larq as lq
 import tensorflow as tf
@@ -48,8 +49,29 @@ from bireal_tf.utils import quiet_larq, refuse_contradictions
 ACTIVATIONS = ("binary",) + tuple(quantizers.REAL_ACTIVATIONS)
 PADDINGS = ("same", "symmetric")
 BLOCKS = ("bireal", "react")
-DEPTHS = (18, 34, 50)
 MIN_INPUT_SIZE = 32  # five stride-2 steps: 32 px leave a 1x1 map before the pool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    """What sets one depth apart from the others."""
+
+    blocks_per_stage: tuple
+    widths: tuple  # output channels of the four stages
+    bottleneck: bool  # 1x1-3x3-1x1 two-stream blocks; else one binary 3x3 per block
+    summary: str  # the first line of the builder's docstring
+
+
+_ARCHITECTURES = {
+    18: _Architecture((4, 4, 4, 4), (64, 128, 256, 512), False,
+                      "Bi-Real Net 18: 16 binary 3x3 convs in [4, 4, 4, 4] blocks."),
+    34: _Architecture((6, 8, 12, 6), (64, 128, 256, 512), False,
+                      "Bi-Real Net 34: 32 binary 3x3 convs in [6, 8, 12, 6] blocks."),
+    50: _Architecture((3, 4, 6, 3), (256, 512, 1024, 2048), True,
+                      "Bi-Real Net 50: 47 binary convs (1x1, 3x3, 1x1) in [3, 4, 6, 3] "
+                      "two-stream bottleneck blocks."),
+}
+DEPTHS = tuple(_ARCHITECTURES)
 
 _layers = tf.keras.layers
 
@@ -195,9 +217,103 @@ def _check_args(activation, padding, num_classes, include_top, input_shape, pool
                 )
 
 
-def _network(build_body, name, *, input_shape, input_tensor, num_classes, include_top, weights,
-             pooling, classifier_activation, **options):
-    """Input -> stem -> body -> head, shared by the three architectures; `options` are _Ops'."""
+def _basic_stages(ops, x, architecture):
+    """Stages of the 18/34-layer nets: y = BN(BinConv3x3(sign(x))) + shortcut(x);
+    with ReActNet's block, sign(x + move0) and RPReLU after the add."""
+    in_filters = 64
+    for stage, (blocks, filters) in enumerate(zip(architecture.blocks_per_stage,
+                                                  architecture.widths)):
+        for block in range(blocks):
+            name = f"layer{stage + 1}_{block}"
+            strides = 2 if (stage > 0 and block == 0) else 1
+            shortcut = x
+            if strides != 1 or in_filters != filters:
+                # Created before the main path, in larq-zoo's order, so the layer
+                # lists of the two implementations line up one to one.
+                shortcut = ops.avg_pool(x, f"{name}_downsample_0")
+                shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
+                shortcut = ops.bn(shortcut, f"{name}_downsample_2")
+            y = ops.shift(x, f"{name}_move0") if ops.react else x
+            y = ops.block_conv(y, filters, 3, strides, f"{name}_binary_conv")
+            y = ops.bn(y, f"{name}_bn1")
+            x = _layers.Add(name=f"{name}_add")([y, shortcut])
+            if ops.react:
+                x = ops.rprelu(x, name)
+            in_filters = filters
+    return x
+
+
+def _bottleneck_stages(ops, x, architecture):
+    """Stages of the 50-layer net: bottleneck blocks carrying two streams.
+
+    Each block takes (mid, out) = (previous 3x3 output, previous block output),
+    and every one of its three convs is bypassed by its own shortcut:
+
+        out1 = BN(conv1x1(sign(out)))  + mid         (mid via a real 1x1 when widths change)
+        out2 = BN(conv3x3/s(sign(out1))) + out1      (out1 average-pooled when strided)
+        out3 = BN(conv1x1(sign(out2))) + out         (out via avgpool-1x1-BN when shape changes)
+
+    The network's first block instead has a real 1x1 conv after leaky-clip and no
+    shortcut around it.
+    """
+    mid, out = x, x
+    index = 0
+    for stage, (blocks, filters) in enumerate(zip(architecture.blocks_per_stage,
+                                                  architecture.widths)):
+        inner = filters // 4
+        for block in range(blocks):
+            name = f"layers_{index}"
+            strides = 2 if (stage > 0 and block == 0) else 1
+            first = index == 0
+            reshape = block == 0
+
+            if first:
+                act = "leaky_clip" if ops.binary else ops.activation
+                y = quantizers.REAL_ACTIVATIONS[act](name=f"{name}_conv1_activation")(out)
+                y = ops.real_conv(y, inner, 1, f"{name}_conv1")
+                out1 = ops.bn(y, f"{name}_bn1")
+            else:
+                y = ops.block_conv(out, inner, 1, 1, f"{name}_conv1")
+                y = ops.bn(y, f"{name}_bn1")
+                shortcut = mid
+                if reshape:
+                    shortcut = ops.real_conv(mid, inner, 1, f"{name}_down_conv1x1")
+                out1 = _layers.Add(name=f"{name}_add1")([y, shortcut])
+
+            y = ops.block_conv(out1, inner, 3, strides, f"{name}_conv2")
+            y = ops.bn(y, f"{name}_bn2")
+            shortcut = ops.avg_pool(out1, f"{name}_pooling") if strides == 2 else out1
+            out2 = _layers.Add(name=f"{name}_add2")([y, shortcut])
+
+            y = ops.block_conv(out2, filters, 1, 1, f"{name}_conv3")
+            y = ops.bn(y, f"{name}_bn3")
+            shortcut = out
+            if reshape:
+                if strides == 2:
+                    shortcut = ops.avg_pool(shortcut, f"{name}_downsample_0")
+                shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
+                shortcut = ops.bn(shortcut, f"{name}_downsample_2")
+            out3 = _layers.Add(name=f"{name}_add3")([y, shortcut])
+
+            mid, out = out2, out3
+            index += 1
+    return out
+
+
+def _build(depth, *, input_shape, input_tensor, num_classes, include_top, weights, pooling,
+           classifier_activation, **options):
+    """The body of every builder: input -> stem -> the stages of `depth` -> head.
+
+    `options` are _Ops' fields.
+    """
+    if weights == "larq_zoo" and depth == 18:
+        # larq-zoo's BatchNorm and weight clip, whatever is passed for those (documented)
+        for name in ("bn_epsilon", "bn_momentum", "kernel_constraint"):
+            del options[name]
+        return from_larq_zoo(None, include_top, input_shape=input_shape,
+                             input_tensor=input_tensor, num_classes=num_classes, pooling=pooling,
+                             classifier_activation=classifier_activation, **options)
+    architecture = _ARCHITECTURES[depth]
     ops = _Ops(**options)
     if input_shape is None and input_tensor is None:
         input_shape = (224, 224, 3)
@@ -214,9 +330,15 @@ def _network(build_body, name, *, input_shape, input_tensor, num_classes, includ
             f"file (.h5 or TF checkpoint); got {weights!r}. For PyTorch checkpoints of the "
             "authors' code use bireal_tf.interop.from_pytorch."
         )
+    if ops.react and architecture.bottleneck:
+        raise ValueError(
+            "block='react' exists for Bi-Real Net 18 and 34 only: ReActNet published its "
+            "block on the 18/34-layer structure and no 50-layer version. "
+            "Use BiRealNet18/34(block='react'), or block='bireal' for 50.")
 
     inputs = _layers.Input(shape=input_shape) if input_tensor is None else input_tensor
-    x = build_body(ops, ops.stem(inputs))
+    stages = _bottleneck_stages if architecture.bottleneck else _basic_stages
+    x = stages(ops, ops.stem(inputs), architecture)
 
     if include_top:
         x = _layers.GlobalAveragePooling2D(name="avgpool")(x)
@@ -234,108 +356,22 @@ def _network(build_body, name, *, input_shape, input_tensor, num_classes, includ
         inputs = tf.keras.utils.get_source_inputs(input_tensor)
     suffix = ("_react" if ops.react else "") + ("" if ops.binary_weights else "_real_weights")
     suffix += "" if ops.activation == "binary" else f"_{ops.activation}"
-    model = tf.keras.Model(inputs, x, name=f"{name}{suffix}")
+    model = tf.keras.Model(inputs, x, name=f"birealnet{depth}{suffix}")
     if weights is not None:
-        from bireal_tf.quantizers import custom_objects
-
-        with custom_objects():
+        with quantizers.custom_objects():
             model.load_weights(weights)
     return model
 
 
-def _basic_body(blocks_per_stage):
-    """Stages of the 18/34-layer nets: y = BN(BinConv3x3(sign(x))) + shortcut(x);
-    with ReActNet's block, sign(x + move0) and RPReLU after the add."""
-
-    def body(ops, x):
-        in_filters = 64
-        for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, (64, 128, 256, 512))):
-            for block in range(blocks):
-                name = f"layer{stage + 1}_{block}"
-                strides = 2 if (stage > 0 and block == 0) else 1
-                shortcut = x
-                if strides != 1 or in_filters != filters:
-                    # Created before the main path, in larq-zoo's order, so the layer
-                    # lists of the two implementations line up one to one.
-                    shortcut = ops.avg_pool(x, f"{name}_downsample_0")
-                    shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
-                    shortcut = ops.bn(shortcut, f"{name}_downsample_2")
-                y = ops.shift(x, f"{name}_move0") if ops.react else x
-                y = ops.block_conv(y, filters, 3, strides, f"{name}_binary_conv")
-                y = ops.bn(y, f"{name}_bn1")
-                x = _layers.Add(name=f"{name}_add")([y, shortcut])
-                if ops.react:
-                    x = ops.rprelu(x, name)
-                in_filters = filters
-        return x
-
-    return body
+def _arguments(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
+               weights=None, pooling=None, classifier_activation="softmax", *,
+               activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
+               bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
+               kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
+    """The arguments every builder takes, written once: only its signature is used."""
 
 
-def _bottleneck_body(blocks_per_stage):
-    """Stages of the 50-layer net: bottleneck blocks carrying two streams.
-
-    Each block takes (mid, out) = (previous 3x3 output, previous block output),
-    and every one of its three convs is bypassed by its own shortcut:
-
-        out1 = BN(conv1x1(sign(out)))  + mid         (mid via a real 1x1 when widths change)
-        out2 = BN(conv3x3/s(sign(out1))) + out1      (out1 average-pooled when strided)
-        out3 = BN(conv1x1(sign(out2))) + out         (out via avgpool-1x1-BN when shape changes)
-
-    The network's first block instead has a real 1x1 conv after leaky-clip and no
-    shortcut around it.
-    """
-
-    def body(ops, x):
-        if ops.react:
-            raise ValueError(
-                "block='react' exists for Bi-Real Net 18 and 34 only: ReActNet published its "
-                "block on the 18/34-layer structure (resnet/2_step2/birealnet.py) and no "
-                "50-layer version. Use BiRealNet18/34(block='react'), or block='bireal' for 50.")
-        mid, out = x, x
-        index = 0
-        for stage, (blocks, filters) in enumerate(zip(blocks_per_stage, (256, 512, 1024, 2048))):
-            inner = filters // 4
-            for block in range(blocks):
-                name = f"layers_{index}"
-                strides = 2 if (stage > 0 and block == 0) else 1
-                first = index == 0
-                reshape = block == 0
-
-                if first:
-                    act = "leaky_clip" if ops.binary else ops.activation
-                    y = quantizers.REAL_ACTIVATIONS[act](name=f"{name}_conv1_activation")(out)
-                    y = ops.real_conv(y, inner, 1, f"{name}_conv1")
-                    out1 = ops.bn(y, f"{name}_bn1")
-                else:
-                    y = ops.block_conv(out, inner, 1, 1, f"{name}_conv1")
-                    y = ops.bn(y, f"{name}_bn1")
-                    shortcut = mid
-                    if reshape:
-                        shortcut = ops.real_conv(mid, inner, 1, f"{name}_down_conv1x1")
-                    out1 = _layers.Add(name=f"{name}_add1")([y, shortcut])
-
-                y = ops.block_conv(out1, inner, 3, strides, f"{name}_conv2")
-                y = ops.bn(y, f"{name}_bn2")
-                shortcut = ops.avg_pool(out1, f"{name}_pooling") if strides == 2 else out1
-                out2 = _layers.Add(name=f"{name}_add2")([y, shortcut])
-
-                y = ops.block_conv(out2, filters, 1, 1, f"{name}_conv3")
-                y = ops.bn(y, f"{name}_bn3")
-                shortcut = out
-                if reshape:
-                    if strides == 2:
-                        shortcut = ops.avg_pool(shortcut, f"{name}_downsample_0")
-                    shortcut = ops.real_conv(shortcut, filters, 1, f"{name}_downsample_1")
-                    shortcut = ops.bn(shortcut, f"{name}_downsample_2")
-                out3 = _layers.Add(name=f"{name}_add3")([y, shortcut])
-
-                mid, out = out2, out3
-                index += 1
-        return out
-
-    return body
-
+_SIGNATURE = inspect.signature(_arguments)
 
 _DOC_ARGS = """
     Args:
@@ -371,44 +407,35 @@ _DOC_ARGS = """
 """
 
 
-def BiRealNet18(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
-                weights=None, pooling=None, classifier_activation="softmax", *,
-                activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
-                bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-                kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
-    arguments = dict(locals())  # every argument above, passed on by name
-    if weights == "larq_zoo":
-        # larq-zoo's BatchNorm and weight clip, whatever is passed for those (documented)
-        for name in ("weights", "include_top", "bn_epsilon", "bn_momentum", "kernel_constraint"):
-            del arguments[name]
-        return from_larq_zoo(None, include_top, **arguments)
-    return _network(_basic_body((4, 4, 4, 4)), "birealnet18", **arguments)
+def _builder(depth):
+    """The public builder of one depth: `_arguments`' signature, bound as Python binds a
+    call's arguments, then `_build`."""
+
+    def builder(*args, **kwargs):
+        try:
+            bound = _SIGNATURE.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{builder.__name__}() {err}") from None
+        bound.apply_defaults()
+        return _build(depth, **bound.arguments)
+
+    builder.__name__ = builder.__qualname__ = f"BiRealNet{depth}"
+    builder.__signature__ = _SIGNATURE
+    builder.__doc__ = _ARCHITECTURES[depth].summary + "\n" + _DOC_ARGS
+    return builder
 
 
-def BiRealNet34(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
-                weights=None, pooling=None, classifier_activation="softmax", *,
-                activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
-                bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-                kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
-    arguments = dict(locals())  # every argument above, passed on by name
-    return _network(_basic_body((6, 8, 12, 6)), "birealnet34", **arguments)
+_BUILDERS = {depth: _builder(depth) for depth in DEPTHS}
+BiRealNet18 = _BUILDERS[18]
+BiRealNet34 = _BUILDERS[34]
+BiRealNet50 = _BUILDERS[50]
 
 
-def BiRealNet50(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
-                weights=None, pooling=None, classifier_activation="softmax", *,
-                activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
-                bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-                kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
-    arguments = dict(locals())  # every argument above, passed on by name
-    return _network(_bottleneck_body((3, 4, 6, 3)), "birealnet50", **arguments)
-
-
-BiRealNet18.__doc__ = "Bi-Real Net 18: 16 binary 3x3 convs in [4, 4, 4, 4] blocks.\n" + _DOC_ARGS
-BiRealNet34.__doc__ = "Bi-Real Net 34: 32 binary 3x3 convs in [6, 8, 12, 6] blocks.\n" + _DOC_ARGS
-BiRealNet50.__doc__ = (
-    "Bi-Real Net 50: 47 binary convs (1x1, 3x3, 1x1) in [3, 4, 6, 3] two-stream "
-    "bottleneck blocks.\n" + _DOC_ARGS
-)
+def bireal_net(depth, **kwargs):
+    """Build Bi-Real Net of the given depth (18, 34 or 50); kwargs as `BiRealNet18`."""
+    if depth not in _BUILDERS:
+        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}.")
+    return _BUILDERS[depth](**kwargs)
 
 
 def from_larq_zoo(path=None, include_top=True, **model_kwargs):
@@ -441,16 +468,6 @@ def from_larq_zoo(path=None, include_top=True, **model_kwargs):
     model = BiRealNet18(**kwargs)
     larq_zoo.assign_larq_zoo_weights(model, path, include_top)
     return model
-
-
-_BUILDERS = {18: BiRealNet18, 34: BiRealNet34, 50: BiRealNet50}
-
-
-def bireal_net(depth, **kwargs):
-    """Build Bi-Real Net of the given depth (18, 34 or 50); kwargs as `BiRealNet18`."""
-    if depth not in _BUILDERS:
-        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}.")
-    return _BUILDERS[depth](**kwargs)
 
 
 def binary_conv_layers(model):

@@ -51,13 +51,14 @@ from bireal_tf.utils import save_model_atomic
 def compile_for_stage(model, optimizer=None, label_smoothing=0.0,
                       steps_per_execution=STEPS_PER_EXECUTION):
     """Compile `model` as every stage trains and evaluates it: one-hot cross-entropy
-    (with the stage's label smoothing), top-1 and top-5 accuracy. Without an
-    optimizer, for evaluation only."""
+    (with the stage's label smoothing), top-1 and top-5 accuracy (ties counted as
+    `bireal_tf.evaluate` counts them). Without an optimizer, for evaluation only."""
+    from bireal_tf.metrics import accuracy_metrics
+
     model.compile(
         optimizer=optimizer or "sgd",  # Keras needs one; evaluation never steps it
         loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=[tf.keras.metrics.CategoricalAccuracy(name="top1"),
-                 tf.keras.metrics.TopKCategoricalAccuracy(5, name="top5")],
+        metrics=accuracy_metrics(),
         steps_per_execution=steps_per_execution,
     )
 
