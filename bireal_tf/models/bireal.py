@@ -35,7 +35,7 @@ Options shared by the three networks:
 """
 
 import dataclasses
-import inspect
+import functools
 
 import larq as lq
 import tensorflow as tf
@@ -300,12 +300,54 @@ def _bottleneck_stages(ops, x, architecture):
     return out
 
 
-def _build(depth, *, input_shape, input_tensor, num_classes, include_top, weights, pooling,
-           classifier_activation, **options):
-    """The body of every builder: input -> stem -> the stages of `depth` -> head.
+def bireal_net(depth, input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
+               weights=None, pooling=None, classifier_activation="softmax", *,
+               activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
+               bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
+               kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
+    """Bi-Real Net of `depth` layers (18, 34 or 50): input -> stem -> four stages -> head.
 
-    `options` are _Ops' fields.
+    `BiRealNet18`, `BiRealNet34` and `BiRealNet50` are this function with the depth given.
+
+    Args:
+        depth: 18, 34 or 50 (DEPTHS).
+        input_shape: (height, width, channels); height and width None or >= 32.
+            Default (224, 224, 3) when `input_tensor` is not given.
+        input_tensor: optional Keras tensor to build the model on.
+        num_classes: number of classes of the top (>= 1).
+        include_top: whether to add global average pooling and the `fc` layer.
+        weights: None (random init), the path of a weights file to load, or (18 layers
+            only) "larq_zoo": larq-zoo's ImageNet weights (`from_larq_zoo`),
+            in larq-zoo's conventions (BatchNorm epsilon 1e-3 and momentum 0.8, weight_clip
+            on the binary kernels, whatever is passed for those); padding, activation,
+            pad_values or num_classes that contradict the weights are refused.
+        pooling: without the top, None (feature map), "avg" or "max".
+        classifier_activation: activation of the top ("softmax", or None for logits).
+        activation: "binary", or "relu" / "leaky_clip" / "clip" for the real variants.
+        padding: "same" (TF) or "symmetric" (the authors' PyTorch arithmetic).
+        pad_values: padding value of the binarized inputs, 0.0 or 1.0.
+        bn_epsilon, bn_momentum: BatchNorm settings; the authors' 1e-5 and 0.9
+            (torch's 0.1) by default; larq-zoo uses 1e-3 and 0.8.
+        kernel_quantizer: weight quantizer of the binary convs; default
+            `MagnitudeAwareSign()` (`scale_gradient=False` with block="react"). The
+            BatchNorm-retrain stage passes "ste_sign".
+        block: "bireal", or "react" (18 and 34 layers): ReActNet's learnable shifts
+            before the sign and RPReLU after the residual add.
+        binary_weights: False keeps the binary convs' weights real-valued (binary
+            activations only: ReActNet's first step).
+        kernel_constraint: constraint of the binary kernels; None as the authors
+            (their gradient is zero outside [-1, 1]), "weight_clip" as larq-zoo.
+        kernel_initializer: initializer of every conv kernel.
+    Returns:
+        A `tf.keras.Model`.
     """
+    if depth not in _ARCHITECTURES:
+        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}.")
+    options = dict(activation=activation, padding=padding, pad_values=pad_values,
+                   bn_epsilon=bn_epsilon, bn_momentum=bn_momentum,
+                   kernel_quantizer=kernel_quantizer, kernel_constraint=kernel_constraint,
+                   kernel_initializer=kernel_initializer, block=block,
+                   binary_weights=binary_weights)  # _Ops' fields
     if weights == "larq_zoo" and depth == 18:
         # larq-zoo's BatchNorm and weight clip, whatever is passed for those (documented)
         for name in ("bn_epsilon", "bn_momentum", "kernel_constraint"):
@@ -363,79 +405,18 @@ def _build(depth, *, input_shape, input_tensor, num_classes, include_top, weight
     return model
 
 
-def _arguments(input_shape=None, input_tensor=None, num_classes=1000, include_top=True,
-               weights=None, pooling=None, classifier_activation="softmax", *,
-               activation="binary", padding="same", pad_values=0.0, bn_epsilon=1e-5,
-               bn_momentum=0.9, kernel_quantizer=None, kernel_constraint=None,
-               kernel_initializer="glorot_normal", block="bireal", binary_weights=True):
-    """The arguments every builder takes, written once: only its signature is used."""
-
-
-_SIGNATURE = inspect.signature(_arguments)
-
-_DOC_ARGS = """
-    Args:
-        input_shape: (height, width, channels); height and width None or >= 32.
-            Default (224, 224, 3) when `input_tensor` is not given.
-        input_tensor: optional Keras tensor to build the model on.
-        num_classes: number of classes of the top (>= 1).
-        include_top: whether to add global average pooling and the `fc` layer.
-        weights: None (random init), the path of a weights file to load, or (18 layers
-            only) "larq_zoo": larq-zoo's ImageNet weights (`from_larq_zoo`),
-            in larq-zoo's conventions (BatchNorm epsilon 1e-3 and momentum 0.8, weight_clip
-            on the binary kernels, whatever is passed for those); padding, activation,
-            pad_values or num_classes that contradict the weights are refused.
-        pooling: without the top, None (feature map), "avg" or "max".
-        classifier_activation: activation of the top ("softmax", or None for logits).
-        activation: "binary", or "relu" / "leaky_clip" / "clip" for the real variants.
-        padding: "same" (TF) or "symmetric" (the authors' PyTorch arithmetic).
-        pad_values: padding value of the binarized inputs, 0.0 or 1.0.
-        bn_epsilon, bn_momentum: BatchNorm settings; the authors' 1e-5 and 0.9
-            (torch's 0.1) by default; larq-zoo uses 1e-3 and 0.8.
-        kernel_quantizer: weight quantizer of the binary convs; default
-            `MagnitudeAwareSign()` (`scale_gradient=False` with block="react"). The
-            BatchNorm-retrain stage passes "ste_sign".
-        block: "bireal", or "react" (18 and 34 layers): ReActNet's learnable shifts
-            before the sign and RPReLU after the residual add.
-        binary_weights: False keeps the binary convs' weights real-valued (binary
-            activations only: ReActNet's first step).
-        kernel_constraint: constraint of the binary kernels; None as the authors
-            (their gradient is zero outside [-1, 1]), "weight_clip" as larq-zoo.
-        kernel_initializer: initializer of every conv kernel.
-    Returns:
-        A `tf.keras.Model`.
-"""
-
-
-def _builder(depth):
-    """The public builder of one depth: `_arguments`' signature, bound as Python binds a
-    call's arguments, then `_build`."""
-
-    def builder(*args, **kwargs):
-        try:
-            bound = _SIGNATURE.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{builder.__name__}() {err}") from None
-        bound.apply_defaults()
-        return _build(depth, **bound.arguments)
-
-    builder.__name__ = builder.__qualname__ = f"BiRealNet{depth}"
-    builder.__signature__ = _SIGNATURE
-    builder.__doc__ = _ARCHITECTURES[depth].summary + "\n" + _DOC_ARGS
+def _with_depth(depth):
+    """`bireal_net` with the depth given: the builder Keras Applications would name."""
+    builder = functools.partial(bireal_net, depth)
+    builder.__name__ = f"BiRealNet{depth}"
+    builder.__doc__ = (_ARCHITECTURES[depth].summary
+                       + " Arguments: those of `bireal_net` but the depth.")
     return builder
 
 
-_BUILDERS = {depth: _builder(depth) for depth in DEPTHS}
-BiRealNet18 = _BUILDERS[18]
-BiRealNet34 = _BUILDERS[34]
-BiRealNet50 = _BUILDERS[50]
-
-
-def bireal_net(depth, **kwargs):
-    """Build Bi-Real Net of the given depth (18, 34 or 50); kwargs as `BiRealNet18`."""
-    if depth not in _BUILDERS:
-        raise ValueError(f"depth must be one of {DEPTHS}, got {depth!r}.")
-    return _BUILDERS[depth](**kwargs)
+BiRealNet18 = _with_depth(18)
+BiRealNet34 = _with_depth(34)
+BiRealNet50 = _with_depth(50)
 
 
 def from_larq_zoo(path=None, include_top=True, **model_kwargs):
