@@ -6,13 +6,18 @@ new one, and a crash never leaves half a file where a good one was.
 """
 
 import contextlib
+import errno
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
 __all__ = [
+    "EXIT_WRITE_ERROR",
+    "OutputWriteError",
+    "write_error",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -26,10 +31,44 @@ __all__ = [
 ]
 
 
+def _is_tf_write_error(err) -> bool:
+    """TensorFlow's errors for a failed write (a SavedModel, a checkpoint), without
+    importing TensorFlow here."""
+    return type(err).__module__.startswith("tensorflow") and type(err).__name__ in (
+        "ResourceExhaustedError", "UnknownError", "PermissionDeniedError", "InternalError",
+        "FailedPreconditionError", "DataLossError")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class OutputWriteError(RuntimeError):
+    """An output could not be written; the message names the path, the cause and the fix.
+
+    Commands exit with EXIT_WRITE_ERROR (74, EX_IOERR of sysexits.h) on it.
+    """
+
+
+EXIT_WRITE_ERROR = 74
+
+
+def write_error(path, err) -> OutputWriteError:
+    """The one-line error for a failed write of `path` (an OSError or TensorFlow's OpError)."""
+    text = str(getattr(err, "message", "") or err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        cause, fix = ("no space left on device", "Free space on that disk or give another "
+                      "output directory, then run the same command again")
+    elif getattr(err, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause, fix = (os.strerror(err.errno).lower(), "Make the directory writable or give "
+                      "another output directory, then run the same command again")
+    else:
+        cause = (text.strip().splitlines() or [type(err).__name__])[-1][:200]
+        fix = "Check the disk and the directory, then run the same command again"
+    return OutputWriteError(f"cannot write {path}: {cause}. {fix}; nothing written before "
+                            "this was lost.")
 
 
 @contextlib.contextmanager
@@ -40,16 +79,24 @@ def atomic_path(path, suffix=""):
     `model.save` from it, matplotlib that of `savefig`).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from err
     os.close(fd)
     try:
         yield tmp
         if os.path.isfile(tmp):
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
+        if isinstance(err, OSError) or _is_tf_write_error(err):
+            raise write_error(path, err) from err
         raise
 
 

@@ -455,3 +455,20 @@ def test_imagenet2012_not_prepared_says_how(tmp_path):
 def test_prepare_imagenet_needs_the_tars(tmp_path):
     with pytest.raises(DataError, match="ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar not found"):
         prepare_imagenet2012(str(tmp_path))
+
+
+@pytest.mark.parametrize("augmentation", ["none", "adam"])
+def test_a_stream_started_inside_an_epoch_continues_the_uninterrupted_one(augmentation):
+    """start_epoch e, start_step s yields the batches an uninterrupted stream yields from
+    epoch e's step s on, and whole epochs after it (what a run resumed mid-epoch trains on)."""
+    args = dict(batch_size=8, augmentation=augmentation, image_size=32, seed=3, limit=64,
+                steps_per_epoch=5)
+    whole = load_dataset("fashion_mnist_embedded", "train", start_epoch=1, **args)
+    resumed = load_dataset("fashion_mnist_embedded", "train", start_epoch=1, start_step=3, **args)
+    expected = _first_batches(whole, 10)[3:]  # epoch 1 steps 3-4, then epoch 2
+    got = _first_batches(resumed, 7)
+    for (x, y), (x2, y2) in zip(expected, got):
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_array_equal(x, x2)
+    with pytest.raises(DataError, match="start_step"):
+        load_dataset("fashion_mnist_embedded", "train", start_epoch=0, start_step=5, **args)

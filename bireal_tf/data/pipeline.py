@@ -120,6 +120,7 @@ def load_dataset(
     on_corrupt="skip",
     start_epoch=None,
     steps_per_epoch=None,
+    start_step=0,
 ):
     """Build the input pipeline of `split` ("train"/"test") of dataset `name` (one of DATASETS).
 
@@ -133,7 +134,8 @@ def load_dataset(
     without end, each `steps_per_epoch` full batches (default: one pass) whose order and augmentation
     are functions of (`seed`, epoch) only. The source (file list, arrays, TFDS
     reader) is built once; a run resumed at epoch k sees what an uninterrupted
-    run saw in epoch k.
+    run saw in epoch k. With `start_step` s, the first epoch starts at its step s (a run
+    resumed in the middle of an epoch), and the epochs after it are whole.
     """
     split = _check_args(name, split, batch_size, image_size, augmentation, limit, on_corrupt, seed)
     shuffle = split == "train" if shuffle is None else bool(shuffle)
@@ -155,19 +157,20 @@ def load_dataset(
                            seed=pair)
         return image, label
 
-    def batches(ds, shuffle_seed, augment_seeds, reshuffle, drop):
-        """shuffle -> repeat -> decode + preprocess -> batch, for one pass or an endless stream."""
+    def batches(ds, shuffle_seed, augment_seeds, reshuffle, drop, skip=0):
+        """shuffle -> repeat -> decode + preprocess -> batch, for one pass or an endless stream;
+        `skip` examples of the stream are dropped before they are decoded."""
         if shuffle:
             ds = ds.shuffle(source.shuffle_buffer, seed=shuffle_seed,
                             reshuffle_each_iteration=reshuffle)
         if repeat or by_epoch:
             ds = ds.repeat()
         if augmentation == "none":
-            ds = ds.map(lambda raw, label: transform((raw, label)),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+            ds = ds.skip(skip).map(lambda raw, label: transform((raw, label)),
+                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         else:
             # Each example gets its own stateless seed pair, drawn in its position in the stream.
-            ds = tf.data.Dataset.zip((ds, augment_seeds))
+            ds = tf.data.Dataset.zip((ds, augment_seeds)).skip(skip)
             ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         if source.decode_can_fail:
             ds = ds.ignore_errors(log_warning=True)
@@ -179,6 +182,12 @@ def load_dataset(
         if steps_per_epoch < 1:
             raise DataError(f"batch_size {batch_size} is larger than the {source.num_examples} "
                             f"examples of {name} {split}; lower the batch size.")
+        if not 0 <= int(start_step) < steps_per_epoch:
+            raise DataError(f"start_step must be in [0, {steps_per_epoch}), got {start_step}.")
+        # A run resumed inside epoch `start_epoch` skips the steps it took there. Where a
+        # decode can fail (and so drop an example) it skips whole batches, else it skips
+        # their examples before they are decoded.
+        cut = 0 if source.decode_can_fail else int(start_step)  # steps not taken in the epoch
 
         def one_epoch(epoch):
             # The shuffle's seed is a tensor here; TF's seed logic compares the op seed in
@@ -188,10 +197,14 @@ def load_dataset(
             epoch_shuffle, epoch_augment = _epoch_seeds(shuffle_seed, augment_seed, epoch)
             pairs = tf.data.Dataset.range(2**62).map(
                 lambda i: tf.stack([epoch_augment, i]))
-            ds = batches(source.examples, epoch_shuffle, pairs, True, True)
-            return ds.take(steps_per_epoch)
+            first = tf.equal(tf.cast(epoch, tf.int64), int(start_epoch))
+            steps = tf.where(first, tf.constant(cut, tf.int64), tf.constant(0, tf.int64))
+            ds = batches(source.examples, epoch_shuffle, pairs, True, True, steps * batch_size)
+            return ds.take(steps_per_epoch - steps)
 
         ds = tf.data.Dataset.range(int(start_epoch), 2**62).flat_map(one_epoch)
+        if start_step and not cut:
+            ds = ds.skip(int(start_step))
         drop_remainder = True
     else:
         pairs = tf.data.Dataset.random(seed=augment_seed, rerandomize_each_iteration=True).batch(2)

@@ -23,6 +23,7 @@ uninterrupted one.
 Distillation: a stage that distills trains through a `Distiller` around its model;
 the checkpoints hold the student and its optimizer only, as without a teacher.
 """
+import contextlib
 import math
 import os
 import time
@@ -32,13 +33,14 @@ import tensorflow as tf
 from bireal_tf import models
 from bireal_tf.quantizers import custom_objects
 from bireal_tf.recipes.batchnorm import ReestimateBatchNorm
-from bireal_tf.recipes.checkpoints import StageCheckpoints, latest_readable
+from bireal_tf.recipes.checkpoints import StageCheckpoints, resume_point
 from bireal_tf.recipes.distill import Distiller, TeacherChain
 from bireal_tf.recipes.environment import (TrainingEnvironment, make_strategy,
                                            resolve_mixed_precision, worker_info)
 from bireal_tf.recipes.errors import RunDirError, TrainingError
 from bireal_tf.recipes.metrics_log import COLUMNS as METRIC_COLUMNS
 from bireal_tf.recipes.metrics_log import MetricsLog
+from bireal_tf.recipes.preemption import Preempted, PreemptionWatch
 from bireal_tf.recipes.options import (MIXED_PRECISION, PRECISION_CHOICES, STEPS_PER_EXECUTION,
                                        STRATEGIES, TrainOptions)
 from bireal_tf.recipes.recipe import TWIN, conv_l2_loss, make_optimizer
@@ -127,9 +129,11 @@ class Trainer:
             raise TrainingError(f"--teacher {recipe.teacher} does not exist. Give a Keras "
                                 "classifier file of the same classes, or --teacher twin.")
 
-    def _say(self, message):
-        if self.options.verbose:
-            print(message, flush=True)
+    @staticmethod
+    def _say(message):
+        """A line about the run's state: printed in quiet runs too (quiet means no progress
+        bars, not silence about what the run does)."""
+        print(message, flush=True)
 
     def build_model(self, stage, num_classes, image_size):
         return build_stage_model(self.recipe, stage, num_classes, image_size)
@@ -154,12 +158,17 @@ class Trainer:
     def run(self):
         """Train every stage not done yet, then evaluate and report; returns the summary."""
         recipe, options = self.recipe, self.options
-        with TrainingEnvironment(options, input_size(recipe), recipe.seed) as env:
+        with contextlib.ExitStack() as stack:
+            env = stack.enter_context(TrainingEnvironment(options, input_size(recipe), recipe.seed))
             run_dir = RunDirectory.for_worker(self.output_dir, env.is_chief, env.task_id)
             run_dir.claim(recipe, options.overwrite)
             data = RunData(recipe, options)
             teachers = TeacherChain(recipe, run_dir, env.strategy)
             log = MetricsLog(run_dir.file("metrics.csv"))
+            # Multi-worker: the handler agrees on the step to stop at with the other workers.
+            resolver = env.strategy.cluster_resolver if options.strategy == "multi_worker" else None
+            preemption = stack.enter_context(PreemptionWatch(
+                os.path.join(run_dir.path, "preemption"), resolver))
             test = None  # built once, when first needed: validation, then the report
             start = recipe.stage_names().index(options.start_stage) if options.start_stage else 0
             t0 = time.time()
@@ -177,7 +186,7 @@ class Trainer:
                         test = data.test()
                     model, stage_images, stage_seconds = self.train_stage(
                         index, stage, init_path, teacher, env=env, run_dir=run_dir, data=data,
-                        test=test, teachers=teachers, log=log)
+                        test=test, teachers=teachers, log=log, preemption=preemption)
                     images, seconds = images + stage_images, seconds + stage_seconds
                     save_model_atomic(model, final_path)
                 if stage.initializes_next:
@@ -191,16 +200,16 @@ class Trainer:
                                 time.time() - t0)
 
     def train_stage(self, index, stage, init_path, teacher_path, *, env, run_dir, data, test,
-                    teachers, log):
+                    teachers, log, preemption):
         """Train stage `index` from its last readable checkpoint (or from `init_path`'s
         weights); returns (model, training images, seconds in training steps)."""
         recipe, options = self.recipe, self.options
         batch = recipe.batch_size
         os.makedirs(run_dir.stage_dir(index, stage), exist_ok=True)
-        resume_path, first = latest_readable(run_dir.checkpoints(index, stage), stage.name)
+        resume_path, first, first_step = resume_point(run_dir.checkpoints(index, stage), stage.name)
         # Built once per stage: epoch e's order and augmentation depend on (seed, stage, e)
         # only, so a resumed run sees the batches of an uninterrupted one.
-        spec = data.train(index, stage, start_epoch=first)
+        spec = data.train(index, stage, start_epoch=first, start_step=first_step)
         steps = recipe.steps_per_epoch or spec.steps_per_epoch
         with env.strategy.scope():
             model = build_stage_model(recipe, stage, spec.num_classes, spec.image_size)
@@ -217,7 +226,8 @@ class Trainer:
         checkpoints = StageCheckpoints(model, optimizer, run_dir.checkpoints(index, stage))
         if resume_path:
             checkpoints.restore(resume_path)
-            self._say(f"Stage {stage.name}: resuming after epoch {first} from {resume_path}")
+            where = f"step {first_step} of epoch {first + 1}" if first_step else f"epoch {first}"
+            self._say(f"Stage {stage.name}: resuming after {where} from {resume_path}")
         else:
             self._say(f"Stage {stage.name}: {stage.epochs} epochs of {steps} steps, batch {batch}, "
                       f"{stage.optimizer} lr {recipe.scaled_lr(stage):g} ({stage.schedule})"
@@ -226,44 +236,58 @@ class Trainer:
         if first >= stage.epochs:  # stopped after the last checkpoint, before model.keras
             return model, 0, 0.0
 
-        train = one_hot(spec)
         val = one_hot(test).take(test.steps_per_epoch) if options.validate else None
         totals = {"images": 0, "seconds": 0.0}
-
-        def epoch_done(epoch, logs, seconds, train_seconds):
-            if not math.isfinite(logs.get("loss", float("nan"))):
-                return  # TerminateOnNaN has stopped the run; nothing of this epoch is saved
-            totals["images"] += steps * batch
-            totals["seconds"] += train_seconds
-            # The metrics row first, then the checkpoint: a kill between the two re-runs
-            # the epoch, whose row is then replaced; the other order would lose the row.
-            lr = float(tf.keras.backend.get_value(optimizer.learning_rate))
-            log.add(stage.name, epoch + 1, logs, lr, seconds, steps * batch / train_seconds)
-            checkpoints.save(epoch + 1)
-
         reestimate = []
         if stage.reestimate_batchnorm:
             reestimate = [ReestimateBatchNorm(model, *data.batchnorm_images(index, stage),
                                               env.strategy)]
-        callbacks = [
-            tf.keras.callbacks.TerminateOnNaN(),  # stops at the first non-finite loss
-            *reestimate,  # before validation and before EpochEnd saves the checkpoint
-            EpochEnd(epoch_done),
-            tf.keras.callbacks.TensorBoard(run_dir.logs(stage), profile_batch=0),
-            *self.callbacks,
-        ]
-        history = trained.fit(train, initial_epoch=first, epochs=stage.epochs,
-                              steps_per_epoch=steps, validation_data=val, callbacks=callbacks,
-                              verbose=options.verbose,
-                              validation_steps=test.steps_per_epoch if val else None)
-        if history.epoch and not math.isfinite(history.history["loss"][-1]):
-            kept = checkpoints.latest or "none (it failed in the first epoch)"
-            raise TrainingError(
-                f"Loss became NaN/inf in stage {stage.name}, epoch {history.epoch[-1] + 1}. "
-                "Stopped; nothing of this epoch was saved. Last good "
-                f"checkpoint: {kept}. Lower --lr or check the data, then rerun the same "
-                "command to resume from it."
-            )
+
+        def fit(first_epoch, last_epoch, skipped, spec):
+            """Epochs first_epoch..last_epoch - 1, the first from its step `skipped` on."""
+            taken = steps - skipped  # steps of the first epoch this fit takes
+
+            def epoch_done(epoch, logs, seconds, train_seconds):
+                if not math.isfinite(logs.get("loss", float("nan"))):
+                    return  # TerminateOnNaN has stopped the run; nothing of this epoch is saved
+                totals["images"] += taken * batch
+                totals["seconds"] += train_seconds
+                # The metrics row first, then the checkpoint: a kill between the two re-runs
+                # the epoch, whose row is then replaced; the other order would lose the row.
+                lr = float(tf.keras.backend.get_value(optimizer.learning_rate))
+                log.add(stage.name, epoch + 1, logs, lr, seconds, taken * batch / train_seconds)
+                checkpoints.save(epoch + 1)
+
+            callbacks = [
+                tf.keras.callbacks.TerminateOnNaN(),  # stops at the first non-finite loss
+                preemption.watch(checkpoints.save_mid_epoch, steps, skipped,
+                                 options.checkpoint_every),
+                *reestimate,  # before validation and before EpochEnd saves the checkpoint
+                EpochEnd(epoch_done),
+                tf.keras.callbacks.TensorBoard(run_dir.logs(stage), profile_batch=0),
+                *self.callbacks,
+            ]
+            history = trained.fit(one_hot(spec), initial_epoch=first_epoch, epochs=last_epoch,
+                                  steps_per_epoch=taken, validation_data=val, callbacks=callbacks,
+                                  verbose=options.verbose,
+                                  validation_steps=test.steps_per_epoch if val else None)
+            if history.epoch and not math.isfinite(history.history["loss"][-1]):
+                kept = checkpoints.latest or "none (it failed in the first epoch)"
+                raise TrainingError(
+                    f"Loss became NaN/inf in stage {stage.name}, epoch {history.epoch[-1] + 1}. "
+                    "Stopped; nothing of this epoch was saved. Last good "
+                    f"checkpoint: {kept}. Lower --lr or check the data, then rerun the same "
+                    "command to resume from it."
+                )
+
+        # Keras runs the same number of steps every epoch: a run resumed inside an epoch
+        # finishes that epoch in a fit of its own, then goes on as usual.
+        if not first_step:
+            fit(first, stage.epochs, 0, spec)
+        else:
+            fit(first, first + 1, first_step, spec)
+            if first + 1 < stage.epochs:
+                fit(first + 1, stage.epochs, 0, data.train(index, stage, start_epoch=first + 1))
         return model, totals["images"], totals["seconds"]
 
     def _report(self, model, env, run_dir, test, teachers, throughput, wall):

@@ -32,7 +32,9 @@ class TrainOptions:
     on_corrupt:      the folder dataset: "skip" files that are not images, or "fail".
     data_settings:   what the small-image settings changed, recorded in summary.json.
     validate:        evaluate on the test split after every epoch.
-    verbose:         0 quiet, 1 progress bars and the run's state lines.
+    verbose:         0 no progress bars (the run's state lines still print), 1 bars.
+    checkpoint_every: also checkpoint every N training steps (for machines that die
+                     without a signal); a signal always checkpoints the step it stops at.
     """
 
     data_dir: str | None = None
@@ -50,6 +52,7 @@ class TrainOptions:
     data_settings: dict = field(default_factory=dict)
     validate: bool = True
     verbose: int = 1
+    checkpoint_every: int | None = None
 
     def __post_init__(self):
         if self.mixed_precision not in (None, *PRECISION_CHOICES):
@@ -59,6 +62,8 @@ class TrainOptions:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {self.strategy!r}; valid strategies: "
                              f"{', '.join(STRATEGIES)}.")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
         if self.on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}.")
 

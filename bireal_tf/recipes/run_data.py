@@ -41,11 +41,12 @@ class RunData:
             data_dir=self.options.data_dir, shuffle=train, seed=seed, repeat=train,
             drop_remainder=train, limit=limit, on_corrupt=self.options.on_corrupt, **by_epoch)
 
-    def train(self, index, stage, start_epoch=0):
-        """Stage `index`'s training batches from `start_epoch` on, epoch after epoch."""
+    def train(self, index, stage, start_epoch=0, start_step=0):
+        """Stage `index`'s training batches from step `start_step` of epoch `start_epoch` on,
+        epoch after epoch."""
         return self._load("train", stage.augmentation, stage_seed(self.recipe, index),
                           self.options.limit_train, start_epoch=start_epoch,
-                          steps_per_epoch=self.recipe.steps_per_epoch)
+                          start_step=start_step, steps_per_epoch=self.recipe.steps_per_epoch)
 
     def test(self):
         return self._load("test", "none", None, self.options.limit_eval)

@@ -50,10 +50,10 @@ def final_report(model, test_data, *, recipe, options, env, run_dir, throughput,
         "versions": library_versions(),
         "command": " ".join(sys.argv),
     }
-    if options.verbose:
-        print(f"Test top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  "
-              f"({spec.num_examples} images)"
-              + (f"; teacher top-1 {scores['teacher_top1']:.4f}" if scores else ""), flush=True)
+    # Printed in quiet runs too: it is the run's result, not progress.
+    print(f"Test top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  "
+          f"({spec.num_examples} images)"
+          + (f"; teacher top-1 {scores['teacher_top1']:.4f}" if scores else ""), flush=True)
     rows = MetricsLog(run_dir.file("metrics.csv")).rows()
     if rows:
         from bireal_tf.recipes.reports import plot_curves  # matplotlib: only when plotting

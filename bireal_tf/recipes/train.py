@@ -130,7 +130,12 @@ def parse_args(argv):
                      help="after training, finetune N epochs with fake int8 quantization "
                           "(model_int8.keras); with --export also model_int8.tflite (int8 "
                           "layers beside the binary ones), verified and evaluated")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help="also checkpoint every N training steps, for machines that die "
+                          "without a signal (SIGTERM and Ctrl-C always checkpoint the step "
+                          "they stop at)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars (the lines about the run's state still print)")
     args = p.parse_args(argv)
     if not args.list and not args.recipe:
         p.error("give a RECIPE, or --list to see them")
@@ -178,7 +183,9 @@ def main(argv=None):
     from bireal_tf.export import ExportError
     from bireal_tf.recipes.loop import (STEPS_PER_EXECUTION, TrainingError, input_size,
                                        resolve_mixed_precision, train_recipe)
+    from bireal_tf.recipes.preemption import Preempted
     from bireal_tf.recipes.recipe import RECIPES
+    from bireal_tf.utils import EXIT_WRITE_ERROR, OutputWriteError
 
     if args.int8_epochs < 0:
         print(f"error: --int8-epochs must be >= 0, got {args.int8_epochs}.", file=sys.stderr)
@@ -220,6 +227,7 @@ def main(argv=None):
             validate=not args.no_validate,
             verbose=0 if args.quiet else 1,
             data_settings=fitted,
+            checkpoint_every=args.checkpoint_every,
         )
         if args.export:
             from bireal_tf.recipes.deploy import export_and_evaluate
@@ -235,11 +243,17 @@ def main(argv=None):
                               verbose=0 if args.quiet else 2)
             print("int8: fake-quant Keras top-1 {:.2%}".format(int8["val_top1"])
                   + (", .tflite top-1 {:.2%}".format(int8["tflite_top1"]) if "tflite_top1" in int8 else ""))
+    except Preempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        return stop.status
+    except OutputWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
     except (ValueError, TrainingError, DataError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nInterrupted. Rerun the same command to resume from the last completed epoch.",
+    except KeyboardInterrupt:  # outside training steps (loading, evaluating, exporting)
+        print("\nInterrupted. Rerun the same command to resume from the last checkpoint.",
               file=sys.stderr)
         return 130
     out = os.path.abspath(output_dir)
