@@ -42,8 +42,10 @@ def _is_tflite_path(path: Path) -> bool:
     if path.suffix.lower() == ".tflite":
         return True
     if path.is_file():
+        from bireal_tf.export.schema import has_tflite_identifier
+
         with open(path, "rb") as f:
-            return f.read(8)[4:8] == b"TFL3"
+            return has_tflite_identifier(f.read(8))
     return False
 
 
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     import bireal_tf  # noqa: F401  (Keras 2 first)
     from bireal_tf.data import DataError
     from bireal_tf.export.files import ModelFileError, check_output_path
-    from bireal_tf.utils import atomic_write_text
+    from bireal_tf.utils import EXIT_WRITE_ERROR, OutputWriteError, atomic_write_text
 
     last = [0.0]
 
@@ -282,7 +284,11 @@ def main(argv=None) -> int:
           f"at {result['image_size']}px: top-1 {result['top1']:.4f}  top-{result['top5_k']} "
           f"{result['top5']:.4f}  ({result['num_examples']} examples, {result['seconds']:.1f} s)")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        except OutputWriteError as err:  # a full disk, a read-only directory
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_WRITE_ERROR
     return 0
 
 

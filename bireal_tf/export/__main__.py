@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     from bireal_tf.export import (ExportError, ExportWarning, LatencySettings, ModelFileError,
                                   ParitySettings, export_tflite)
 
+    from bireal_tf.utils import EXIT_WRITE_ERROR, OutputWriteError
+
     warnings.simplefilter("ignore", ExportWarning)  # the table lists them
     try:
         labels = None
@@ -95,6 +97,9 @@ def main(argv=None) -> int:
     except ModelFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OutputWriteError as err:  # a full disk, a read-only directory
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
     except (ExportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

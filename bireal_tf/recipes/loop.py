@@ -40,7 +40,7 @@ from bireal_tf.recipes.environment import (TrainingEnvironment, make_strategy,
 from bireal_tf.recipes.errors import RunDirError, TrainingError
 from bireal_tf.recipes.metrics_log import COLUMNS as METRIC_COLUMNS
 from bireal_tf.recipes.metrics_log import MetricsLog
-from bireal_tf.recipes.preemption import Preempted, PreemptionWatch
+from bireal_tf.recipes.preemption import PreemptionWatch
 from bireal_tf.recipes.options import (MIXED_PRECISION, PRECISION_CHOICES, STEPS_PER_EXECUTION,
                                        STRATEGIES, TrainOptions)
 from bireal_tf.recipes.recipe import TWIN, conv_l2_loss, make_optimizer
