@@ -45,7 +45,7 @@ def _umask() -> int:
     return mask
 
 
-class OutputWriteError(RuntimeError):
+class OutputWriteError(OSError):
     """An output could not be written; the message names the path, the cause and the fix.
 
     Commands exit with EXIT_WRITE_ERROR (74, EX_IOERR of sysexits.h) on it.
@@ -57,6 +57,8 @@ EXIT_WRITE_ERROR = 74
 
 def write_error(path, err) -> OutputWriteError:
     """The one-line error for a failed write of `path` (an OSError or TensorFlow's OpError)."""
+    if isinstance(err, OutputWriteError):
+        return err
     text = str(getattr(err, "message", "") or err)
     if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text:
         cause, fix = ("no space left on device", "Free space on that disk or give another "
@@ -95,6 +97,8 @@ def atomic_path(path, suffix=""):
                 shutil.rmtree(tmp)
             else:
                 os.unlink(tmp)
+        if isinstance(err, OutputWriteError):
+            raise
         if isinstance(err, OSError) or _is_tf_write_error(err):
             raise write_error(path, err) from err
         raise
