@@ -177,3 +177,26 @@ def test_the_summary_records_the_data_settings(trained_run):
     assert summary["data_settings"]["augmentation"] == "none"
     assert summary["config"]["pad_values"] == 1.0
     assert summary["config"]["stages"][0]["augmentation"] == "none"
+
+
+@pytest.mark.parametrize("command, dropped", [
+    ("r18_adam --dataset fashion_mnist --epochs 8", "--batch-size 128 --image-size 32"),
+    ("r18_adam --activation relu --dataset fashion_mnist --epochs 8",
+     "--batch-size 128 --image-size 32"),
+    ("r18_adam --teacher t.keras --dataset fashion_mnist --epochs 8",
+     "--batch-size 128 --image-size 32"),
+    ("r18_react --teacher t.keras --epochs 4 --dataset fashion_mnist",
+     "--batch-size 128 --image-size 32"),
+    ("r18_paper --dataset fashion_mnist --epochs 2",
+     "--batch-size 128 --image-size 32 --augmentation none"),
+])
+def test_the_documented_small_image_commands_need_no_flags_the_defaults_supply(command, dropped):
+    """docs/results.md and docs/training.md give these commands without the flags their
+    figures were measured with; the defaults train exactly the recipe those flags made."""
+    from bireal_tf.recipes.run_data import input_size
+
+    def recipe(argv):
+        r, _ = build_recipe(parse_args(argv.split()))
+        return replace(r, image_size=input_size(r))
+
+    assert recipe(command) == recipe(f"{command} {dropped}")
