@@ -17,9 +17,13 @@ from benchmarks import SECTIONS, section
 from benchmarks.common import REPO, Settings, Timer, load_average, log, machine_info, now_iso, setup_environment
 
 SCHEMA_VERSION = 2
-REJECTED = Path(__file__).with_name("rejected.md")
-# Hand-run studies too long for `make bench`, kept in their own files and included.
-STUDIES = (Path(__file__).with_name("precision_accuracy.md"), Path(__file__).with_name("tracing.md"))
+# Everything above comes from one run on the machine in the header. Studies run by hand,
+# and levers measured and rejected, keep their own files, each naming its machine.
+OTHER_MACHINES = (
+    "## Elsewhere\n\n"
+    "Measured by hand or by earlier runs, each on the machine it names, and so not part of "
+    "this run: [bfloat16 or float32, accuracy over seeds](benchmarks/precision_accuracy.md); "
+    "[levers measured and rejected](benchmarks/rejected.md).")
 
 
 def build_parser():
@@ -83,8 +87,9 @@ def header(results: dict) -> str:
         f"- **Command:** `{results['command']}` ({results['settings']} settings)",
         f"- **Date:** {results['date']} (UTC); wall time {results.get('seconds', 0) / 60:.1f} min; "
         f"sections {', '.join(results['ran'])}",
-        f"- **Machine:** {m['architecture']}, {m['usable_cpus']} usable of {m['logical_cpus']} "
-        f"logical CPUs, {m['memory_gib']} GiB RAM, {m['os']}",
+        f"- **Machine:** {m.get('cpu') or 'CPU model not reported'}, {m['architecture']}, "
+        f"{m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB "
+        f"RAM, {m['os']}",
         f"- **CPU flags:** {', '.join(m['cpu_flags']) or 'none of interest'}",
         f"- **bfloat16 instructions:** {bf16}",
         f"- **Load average** at start {m['load_average_at_start']}, at end "
@@ -110,8 +115,7 @@ def render(results: dict) -> str:
     for number, name in enumerate((n for n in SECTIONS if n in sections), 1):
         module, result = section(name), sections[name]
         parts += [f"## {number}. {module.TITLE}", _meta_line(result["meta"]), module.markdown(result)]
-    parts += [path.read_text(encoding="utf-8").strip() for path in STUDIES if path.exists()]
-    parts.append(REJECTED.read_text(encoding="utf-8").strip())
+    parts.append(OTHER_MACHINES)
     return "\n\n".join(parts) + "\n"
 
 

@@ -169,6 +169,7 @@ def machine_info(flags=None) -> dict:
 
     flags = cpu_flags() if flags is None else set(flags)
     return {
+        "cpu": cpu_model(),
         "architecture": platform.machine(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -181,6 +182,18 @@ def machine_info(flags=None) -> dict:
         "versions": library_versions(),
         "git_commit": _git_commit(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 class Timer:

@@ -18,7 +18,7 @@ import pytest
 from tests.test_distribute import env, free_port, trainable_of
 
 # One run through the Python API, as the CLI runs it (the same exit status on a signal).
-# argv: output dir, strategy, "marked" or "plain". A marked run writes OUT.marker after
+# argv: output dir, strategy, "marked" or "plain", checkpoint_every (0: none). A marked run writes OUT.marker after
 # step 2 of its first epoch and then takes its steps slowly, so the test's signal lands
 # in the middle of that epoch.
 RUN = """
@@ -26,7 +26,7 @@ import os, sys, time
 import tensorflow as tf
 from bireal_tf.recipes import get_recipe, train_recipe
 from bireal_tf.recipes.preemption import Preempted
-out, strategy, mode = sys.argv[1:4]
+out, strategy, mode, every = sys.argv[1:5]
 recipe = get_recipe("r18_adam").with_overrides(
     dataset="fashion_mnist_embedded", image_size=32, batch_size=32, epochs=2,
     steps_per_epoch=6, seed=5, augmentation="none", pad_values=1.0)
@@ -41,7 +41,7 @@ class Marker(tf.keras.callbacks.Callback):
 try:
     summary = train_recipe(recipe, out, strategy=strategy, limit_train=192, limit_eval=32,
                            verbose=0, deterministic=True, steps_per_execution=1,
-                           callbacks=[Marker()])
+                           checkpoint_every=int(every) or None, callbacks=[Marker()])
 except Preempted as stop:
     print(stop, file=sys.stderr, flush=True)
     sys.exit(stop.status)
@@ -49,8 +49,8 @@ print("TOP1", summary["top1"])
 """
 
 
-def start(out, strategy, mode, log, **extra):
-    return subprocess.Popen([sys.executable, "-c", RUN, str(out), strategy, mode],
+def start(out, strategy, mode, log, every=0, **extra):
+    return subprocess.Popen([sys.executable, "-c", RUN, str(out), strategy, mode, str(every)],
                             env=env(**extra), stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -208,3 +208,30 @@ def test_a_full_disk_gets_one_line_keeps_the_last_checkpoint_and_leaves_no_parti
     assert "resuming after epoch 1" in run.stdout
     assert (out / "model.keras").exists()
     assert not list(out.rglob("*_temp*")) and not list(out.rglob(".*.tmp*"))
+
+
+@pytest.mark.slow
+def test_with_checkpoint_every_a_kill_9_loses_at_most_those_steps(tmp_path):
+    """--checkpoint-every 2: SIGKILL (no chance to save) inside the first epoch; the rerun
+    resumes from the last periodic checkpoint and ends with an uninterrupted run's weights."""
+    logs = [open(tmp_path / "straight.log", "w")]
+    finish([start(tmp_path / "straight", "default", "plain", logs[0])], logs)
+
+    out = tmp_path / "killed"
+    log = open(tmp_path / "killed.log", "w")
+    proc = start(out, "default", "marked", log, every=2)
+    signal_when_marked(proc, out, signal.SIGKILL)
+    finish([proc], [log])
+    assert proc.returncode == -signal.SIGKILL
+    mid = out / "stages" / "0_binary" / "checkpoints" / "mid_epoch"
+    assert [p.name for p in mid.glob("ckpt-*.index")] == ["ckpt-2.index"]  # after step 2
+
+    log = open(tmp_path / "resumed.log", "w")
+    proc = start(out, "default", "plain", log, every=2)
+    (text,) = finish([proc], [log])
+    assert proc.returncode == 0, text[-3000:]
+    assert "resuming after step 2 of epoch 1" in text
+    assert rows(out) == [["binary", "1"], ["binary", "2"]]
+    np.testing.assert_array_equal(trainable_of(str(out / "model.keras")),
+                                  trainable_of(str(tmp_path / "straight" / "model.keras")))
+
