@@ -18,8 +18,8 @@ repeats the comparison).
 Keras release ever needs it).
 
 oneDNN: TensorFlow 2.16 turns its oneDNN kernels on by default only on CPUs with
-AVX512_VNNI, AVX512_BF16 or AMX. On an AVX2-only CPU (this project's 2-core AMD
-EPYC CI machine) a Bi-Real-18 training step at 32 px, batch 64, took 2.49 s
+AVX512_VNNI, AVX512_BF16 or AMX. On an AVX2-only CPU (a 2-core AMD EPYC of
+early December 2026) a Bi-Real-18 training step at 32 px, batch 64, took 2.49 s
 without them and 0.54 s with them (the gradient ops run on one core otherwise).
 We set `TF_ENABLE_ONEDNN_OPTS=1` unless the user chose a value; TensorFlow reads it
 once, at import, so it only takes effect when bireal_tf is imported first (the CLI
