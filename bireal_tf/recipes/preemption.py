@@ -15,6 +15,7 @@ mid-epoch checkpoint (`MidEpochCheckpoints`), since one handler serves all stage
 """
 import os
 import signal
+import threading
 
 import tensorflow as tf
 
@@ -46,6 +47,11 @@ class PreemptionWatch:
         self._signal = "SIGTERM"
 
     def __enter__(self):
+        self.handler = None
+        if threading.current_thread() is not threading.main_thread():
+            # Python delivers signals to the main thread only: a run started from another
+            # thread is not watched (--checkpoint-every still saves).
+            return self
         self._previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         # The handler needs a checkpoint to restore at start; the saving goes through
         # save_fn to the current stage's own checkpoints, so this one stays empty.
@@ -58,6 +64,8 @@ class PreemptionWatch:
         return self
 
     def __exit__(self, *exc):
+        if self.handler is None:
+            return False
         self.handler.__del__()  # stops its watcher threads (multi-worker)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
@@ -109,7 +117,8 @@ class _StepEnd(tf.keras.callbacks.Callback):
             # saves the state; a signal now is taken at the next epoch's first step.
             return
         self.watch.position = (self.epoch, done)
-        self.watch.handler.save_checkpoint_if_preempted()
+        if self.watch.handler is not None:
+            self.watch.handler.save_checkpoint_if_preempted()
         now, every = self.epoch * self.steps_per_epoch + done, self.checkpoint_every
         if every and self.last // every != now // every:
             self.watch._saver(self.epoch, done)
