@@ -235,3 +235,34 @@ def test_with_checkpoint_every_a_kill_9_loses_at_most_those_steps(tmp_path):
     np.testing.assert_array_equal(trainable_of(str(out / "model.keras")),
                                   trainable_of(str(tmp_path / "straight" / "model.keras")))
 
+
+
+def test_the_watch_puts_the_signal_handlers_back_and_runs_unwatched_off_the_main_thread(tmp_path):
+    import threading
+
+    from bireal_tf.recipes.preemption import PreemptionWatch
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with PreemptionWatch(str(tmp_path / "main")) as watch:
+        assert watch.handler is not None
+        assert signal.getsignal(signal.SIGINT) == watch._on_sigint
+    assert {s: signal.getsignal(s) for s in before} == before
+
+    seen = []
+
+    def in_a_thread():
+        with PreemptionWatch(str(tmp_path / "thread")) as watch:
+            saved = []
+            step_end = watch.watch(lambda epoch, step: saved.append((epoch, step)) or "path",
+                                   steps_per_epoch=10, checkpoint_every=3)
+            step_end.on_epoch_begin(0)
+            for batch in range(9):
+                step_end.on_train_batch_end(batch)
+            seen.append((watch.handler, saved))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    handler, saved = seen[0]
+    assert handler is None and saved == [(0, 3), (0, 6), (0, 9)]  # --checkpoint-every 3
+    assert {s: signal.getsignal(s) for s in before} == before
