@@ -62,9 +62,9 @@ def resolve_mixed_precision(requested, strategy="default", image_size=None):
     """(the mixed precision to train in: None (float32), "bfloat16" or "float16", why).
 
     "auto" picks bfloat16 only on a CPU with AVX512_BF16 or AMX, and only for inputs
-    larger than SMALL_IMAGE_MAX_SIZE: there it trained Bi-Real-18 1.7x (128 px) and 2.0x
-    (224 px) faster, with test top-1 within the float32 seeds' spread (measured on an
-    AVX-512 machine with AVX512_BF16; docs/training.md). Float32 elsewhere: for small
+    larger than SMALL_IMAGE_MAX_SIZE: there it trained Bi-Real-18 1.45x (128 px) and
+    1.56x (224 px) as fast as float32 (BENCHMARKS.md), with test top-1 within the float32
+    seeds' spread (docs/training.md). Float32 elsewhere: for small
     images, where bfloat16 trained no faster; on GPUs and TPUs, where it was not measured;
     on CPUs without bfloat16 instructions (AVX2 ones among them), where it would be slower.
     """

@@ -115,7 +115,7 @@ def parse_args(argv):
     run.add_argument("--mixed-precision", choices=("auto", "float32", "float16", "bfloat16"),
                      default="auto",
                      help="auto (default): bfloat16 on CPUs with AVX512_BF16/AMX for inputs "
-                          "above 64 px (1.7-2.0x faster training there, accuracy within the "
+                          "above 64 px (1.45-1.56x faster training there, accuracy within the "
                           "float32 seeds' spread: BENCHMARKS.md), float32 elsewhere. float16 "
                           "for GPUs. The .tflite is exported from the float32 twin either way")
     run.add_argument("--steps-per-execution", type=int,
