@@ -27,7 +27,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=10 -m "not slow" $(PYTEST_ARGS) tests
 
-# The slow tests (24:27 for 61 tests on 2 cores, 2026-12-07): the demo (and its portable file), kill/resume, distribution, the notebook, the
+# The slow tests (23:03 for 62 tests on 2 cores, 2026-12-07): the demo (and its portable file), kill/resume, distribution, the notebook, the
 # large nets, runs and conversions of 30 s or more, long fuzzing, the benchmark smoke run. CI runs both.
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=10 -m slow $(PYTEST_ARGS) tests
