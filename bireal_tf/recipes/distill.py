@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from bireal_tf.quantizers import custom_objects
 from bireal_tf.recipes.errors import TrainingError
+from bireal_tf.recipes.recipe import TWIN
 
 
 class TeacherError(ValueError):
@@ -191,7 +192,7 @@ class TeacherChain:
         twin's and the twin is not trained (yet) in this run."""
         if self.recipe.teacher is None:
             return None
-        if self.recipe.teacher != "twin":
+        if self.recipe.teacher != TWIN:
             return self.recipe.teacher
         teaching = [i for i, s in enumerate(self.recipe.stages[:index]) if s.teaches]
         if teaching:
