@@ -91,14 +91,15 @@ class PreemptionWatch:
         first of which starts at its step `first_step`. After each step it saves and stops
         the run if a signal came, and saves every `checkpoint_every` steps if asked;
         `saver(epoch, step)` writes the stage's checkpoint and returns its path."""
-        self._saver = saver
-        return _StepEnd(self, steps_per_epoch, first_step, checkpoint_every)
+        self._saver = saver  # what a signal saves, through the handler's save_fn
+        return _StepEnd(self, saver, steps_per_epoch, first_step, checkpoint_every)
 
 
 class _StepEnd(tf.keras.callbacks.Callback):
-    def __init__(self, watch, steps_per_epoch, first_step, checkpoint_every):
+    def __init__(self, watch, saver, steps_per_epoch, first_step, checkpoint_every):
         super().__init__()
         self.watch = watch
+        self.saver = saver
         self.steps_per_epoch = steps_per_epoch
         self.first_step = first_step  # steps of the first epoch taken before this fit
         self.checkpoint_every = checkpoint_every
@@ -121,5 +122,5 @@ class _StepEnd(tf.keras.callbacks.Callback):
             self.watch.handler.save_checkpoint_if_preempted()
         now, every = self.epoch * self.steps_per_epoch + done, self.checkpoint_every
         if every and self.last // every != now // every:
-            self.watch._saver(self.epoch, done)
+            self.saver(self.epoch, done)
         self.last = now
